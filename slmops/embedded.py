@@ -1,0 +1,37 @@
+"""The embedded default: the tiny Phi-3 and its ONNX release, laid out as the hub repos are.
+
+`ensure_embedded_repos` builds both once per builder version into a cache folder; the loopback
+fake hub (`slmops.fake_hub`) serves them as microsoft/Phi-3-mini-4k-instruct and
+microsoft/Phi-3-mini-4k-instruct-onnx.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from slmops.config import PHI3_ONNX_INT4_SUBFOLDER, PHI3_ONNX_REPO_ID, PHI3_REPO_ID, OnnxExportSpec
+from slmops.onnx_builder import build_onnx_model
+from slmops.tiny_model import BUILDER_VERSION, ensure_tiny_phi3
+
+
+def ensure_embedded_repos(cache_root: Path) -> dict[str, Path]:
+    """Map repo id -> local folder holding that repo's files, building what is missing."""
+    model_dir = ensure_tiny_phi3(cache_root)
+    onnx_repo = cache_root / f"tiny-phi3-onnx-v{BUILDER_VERSION}"
+    if not (onnx_repo / PHI3_ONNX_INT4_SUBFOLDER / "genai_config.json").exists():
+        staging = Path(tempfile.mkdtemp(prefix=".tiny-phi3-onnx-", dir=cache_root))
+        try:
+            build_onnx_model(model_dir, staging / PHI3_ONNX_INT4_SUBFOLDER, OnnxExportSpec())
+            (staging / "README.md").write_text(
+                "# Tiny Phi-3 ONNX (slmops embedded default)\n\n"
+                f"int4 CPU build under `{PHI3_ONNX_INT4_SUBFOLDER}/`.\n"
+            )
+            try:
+                staging.rename(onnx_repo)
+            except OSError:  # built concurrently by another process
+                pass
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return {PHI3_REPO_ID: model_dir, PHI3_ONNX_REPO_ID: onnx_repo}
