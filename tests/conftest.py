@@ -1,0 +1,64 @@
+"""Shared test setup: isolated Prefect/MLflow state, the embedded model built once per machine."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports prefect or mlflow: keep their state out of ~ and stay quiet offline.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="slmops-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect")
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(_SESSION_DIR / "prefect" / "results")
+os.environ["DO_NOT_TRACK"] = "true"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["MLFLOW_ENABLE_ASYNC_LOGGING"] = "false"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("HF_TOKEN", None)
+
+import pytest  # noqa: E402
+
+# The tiny model takes ~20 s to build; it is deterministic, so one build per machine serves all
+# test sessions (CI's fresh clone builds it once).
+EMBEDDED_CACHE = Path(os.environ.get("SLMOPS_TEST_CACHE", Path.home() / ".cache" / "slmops-tests"))
+
+
+@pytest.fixture(scope="session")
+def embedded_repos() -> dict[str, Path]:
+    """repo id -> local folder of the embedded tiny Phi-3 and its ONNX release."""
+    from slmops.embedded import ensure_embedded_repos
+
+    return ensure_embedded_repos(EMBEDDED_CACHE)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(embedded_repos: dict[str, Path]) -> Path:
+    from slmops.config import PHI3_REPO_ID
+
+    return embedded_repos[PHI3_REPO_ID]
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_int4_dir(embedded_repos: dict[str, Path]) -> Path:
+    from slmops.config import PHI3_ONNX_INT4_SUBFOLDER, PHI3_ONNX_REPO_ID
+
+    return embedded_repos[PHI3_ONNX_REPO_ID] / PHI3_ONNX_INT4_SUBFOLDER
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path: Path) -> str:
+    """A fresh MLflow tracking + registry store on SQLite for one test."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for the session (flows and tasks called directly)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
