@@ -1,0 +1,223 @@
+"""MLflow Model Registry tasks: register validated models, promote and roll back versions.
+
+Every stage or alias move is applied from a plan (`slmops.promotion`), recorded as an audit tag
+on the model version, and compensated if a later move fails, so a failed promotion leaves the
+previous Production/champion in place. Moves on one registered model are serialised by a file
+lock, so two release runs at once cannot interleave their moves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import getpass
+import json
+import uuid
+import warnings
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from prefect import get_run_logger, task
+from prefect.context import get_run_context
+from pydantic import BaseModel, ConfigDict
+
+from slmops.promotion import (
+    RegistryMove,
+    RegistryState,
+    plan_moves,
+    production_state,
+    rollback_state,
+    staging_state,
+)
+
+AUDIT_TAG_PREFIX = "slmops.audit."
+SOURCE_MODEL_TAG = "slmops.source_model_uri"
+
+
+class ModelVersionRef(BaseModel):
+    """A registered model version."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    version: int
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+class AuditEntry(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    version: int | None
+    move: str
+    reason: str
+    by: str
+    at: str
+    flow_run: str | None = None
+
+
+class PromotionReport(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    production_version: int | None
+    previous_production: int | None
+    audit: tuple[AuditEntry, ...]
+
+
+@contextlib.contextmanager
+def registry_lock(lock_dir: Path, name: str) -> Iterator[None]:
+    """Serialise registry moves on one model across processes on this host."""
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_state(client: MlflowClient, name: str) -> RegistryState:
+    versions = client.search_model_versions(f"name='{name}'")
+    stages = {int(v.version): (v.current_stage or "None") for v in versions}
+    aliases = client.get_registered_model(name).aliases or {}
+    return RegistryState(stages=stages, aliases={a: int(v) for a, v in aliases.items()})
+
+
+def _flow_run_name() -> str | None:
+    with contextlib.suppress(Exception):
+        ctx = get_run_context()
+        run = getattr(ctx, "flow_run", None) or getattr(getattr(ctx, "task_run", None), "flow_run_id", None)
+        return str(getattr(run, "name", run)) if run else None
+    return None
+
+
+def _apply(client: MlflowClient, name: str, move: RegistryMove, reason: str) -> AuditEntry:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated, still supported
+        if move.kind == "stage":
+            client.transition_model_version_stage(
+                name, str(move.version), move.stage, archive_existing_versions=move.archive_existing
+            )
+        elif move.kind == "set_alias":
+            client.set_registered_model_alias(name, move.alias, str(move.version))
+        else:
+            client.delete_registered_model_alias(name, move.alias)
+    entry = AuditEntry(
+        name=name,
+        version=move.version,
+        move=move.describe(),
+        reason=reason,
+        by=getpass.getuser(),
+        at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+        flow_run=_flow_run_name(),
+    )
+    if move.version is not None:
+        stamp = entry.at.replace(":", "").replace("+", "Z")
+        key = f"{AUDIT_TAG_PREFIX}{stamp}.{uuid.uuid4().hex[:8]}"  # unique within a millisecond
+        client.set_model_version_tag(name, str(move.version), key, entry.model_dump_json())
+    return entry
+
+
+def reach_state(client: MlflowClient, name: str, desired: RegistryState, reason: str) -> list[AuditEntry]:
+    """Apply the moves to `desired`; if one fails, restore the state from before and re-raise."""
+    before = read_state(client, name)
+    audit: list[AuditEntry] = []
+    try:
+        for move in plan_moves(before, desired):
+            audit.append(_apply(client, name, move, reason))
+    except Exception:
+        for move in plan_moves(read_state(client, name), before):
+            audit.append(_apply(client, name, move, f"compensation: {reason} failed"))
+        raise
+    return audit
+
+
+@task(retries=2, retry_delay_seconds=2)
+def register_version(
+    tracking_uri: str, model_uri: str, name: str, tags: dict[str, str]
+) -> ModelVersionRef:
+    """Register `model_uri` as a new version of `name`, or return the version already holding it.
+
+    Registering the same logged model twice (a cached re-run) must not add a duplicate version.
+    """
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    with contextlib.suppress(MlflowException):
+        client.create_registered_model(name)
+    for existing in client.search_model_versions(f"name='{name}'"):
+        if (existing.tags or {}).get(SOURCE_MODEL_TAG) == model_uri:
+            return ModelVersionRef(name=name, version=int(existing.version))
+    if not model_uri.startswith("models:/m-"):
+        raise ValueError(f"expected a logged model URI (models:/m-...), got {model_uri!r}")
+    model_id = model_uri.removeprefix("models:/")
+    logged = client.get_logged_model(model_id)
+    version = client.create_model_version(
+        name,
+        source=model_uri,
+        run_id=logged.source_run_id,
+        model_id=model_id,
+        tags={**tags, SOURCE_MODEL_TAG: model_uri},
+    )
+    get_run_logger().info("Registered %s as %s version %s", model_uri, name, version.version)
+    return ModelVersionRef(name=name, version=int(version.version))
+
+
+def _promote(client: MlflowClient, ref: ModelVersionRef, reason: str, lock_dir: Path) -> PromotionReport:
+    with registry_lock(lock_dir, ref.name):
+        previous = read_state(client, ref.name).production_version()
+        audit = reach_state(client, ref.name, staging_state(read_state(client, ref.name), ref.version), reason)
+        audit += reach_state(
+            client, ref.name, production_state(read_state(client, ref.name), ref.version), reason
+        )
+    return PromotionReport(
+        name=ref.name, production_version=ref.version, previous_production=previous, audit=tuple(audit)
+    )
+
+
+@task
+def promote_version(
+    tracking_uri: str, ref: ModelVersionRef, reason: str, lock_dir: Path
+) -> PromotionReport:
+    """None -> Staging (@challenger) -> Production (@champion), archiving the old Production."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    version = client.get_model_version(ref.name, str(ref.version))
+    if (version.tags or {}).get("slmops.validation.passed") != "true":
+        raise ValueError(
+            f"{ref.uri} has not passed validation (tag slmops.validation.passed="
+            f"{(version.tags or {}).get('slmops.validation.passed')!r}); refusing to promote it"
+        )
+    report = _promote(client, ref, reason, lock_dir)
+    get_run_logger().info("%s: Production is now version %s (was %s)", ref.name, ref.version, report.previous_production)
+    return report
+
+
+@task
+def rollback_version(
+    tracking_uri: str, ref: ModelVersionRef, reason: str, lock_dir: Path
+) -> PromotionReport:
+    """Put an earlier version back in Production as champion, archiving the current one."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    with registry_lock(lock_dir, ref.name):
+        current = read_state(client, ref.name)
+        previous = current.production_version()
+        audit = reach_state(client, ref.name, rollback_state(current, ref.version), reason)
+    return PromotionReport(
+        name=ref.name, production_version=ref.version, previous_production=previous, audit=tuple(audit)
+    )
+
+
+def audit_trail(tracking_uri: str, name: str) -> list[AuditEntry]:
+    """Every recorded stage/alias move of `name`, oldest first."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    entries = []
+    for version in client.search_model_versions(f"name='{name}'"):
+        for key, value in (version.tags or {}).items():
+            if key.startswith(AUDIT_TAG_PREFIX):
+                entries.append(AuditEntry(**json.loads(value)))
+    return sorted(entries, key=lambda e: e.at)

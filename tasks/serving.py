@@ -1,0 +1,318 @@
+"""Managed `mlflow models serve` processes: start, health-check, smoke-test, switch, stop, status.
+
+Each served registered model has a state file `<servers_dir>/<name>.json` naming its process
+(pid + start time, so a reused pid is not mistaken for ours), port and model version. A new
+version is started beside the old one (blue/green ports), checked, then the state file is
+switched and the old process stopped: the old endpoint answers until the new one is proven.
+Processes run in their own session so a cancelled flow run does not take them down.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import psutil
+from prefect import get_run_logger, task
+from pydantic import BaseModel, ConfigDict
+
+from slmops.config import WrapperKind
+
+
+class ServerHandle(BaseModel):
+    """What a running server is: enough to find, call and stop it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    kind: WrapperKind
+    model_uri: str
+    host: str
+    port: int
+    pid: int
+    process_started: float
+    log_path: Path
+    started_at: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class ServerStatus(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    state: Literal["serving", "unhealthy", "dead", "absent"]
+    handle: ServerHandle | None = None
+    detail: str = ""
+
+
+class ServingError(RuntimeError):
+    """A server did not start, did not become healthy, or answered wrongly."""
+
+
+def state_path(servers_dir: Path, name: str) -> Path:
+    return servers_dir / f"{name}.json"
+
+
+def read_handle(servers_dir: Path, name: str) -> ServerHandle | None:
+    path = state_path(servers_dir, name)
+    if not path.exists():
+        return None
+    return ServerHandle.model_validate_json(path.read_text())
+
+
+def _write_handle(servers_dir: Path, handle: ServerHandle) -> None:
+    path = state_path(servers_dir, handle.name)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(handle.model_dump_json(indent=2))
+    tmp.replace(path)  # atomic: readers see the old or the new server, never half a file
+
+
+def is_running(handle: ServerHandle) -> bool:
+    try:
+        proc = psutil.Process(handle.pid)
+        return abs(proc.create_time() - handle.process_started) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def choose_port(host: str, base_port: int | None, slot: int, current: ServerHandle | None) -> int:
+    """A free port: from the blue/green pair `base_port + 2*slot + {0,1}` when a base is set."""
+    if base_port is None:
+        return _free_port(host)
+    for port in (base_port + 2 * slot, base_port + 2 * slot + 1):
+        if (current is None or port != current.port) and _port_is_free(host, port):
+            return port
+    raise ServingError(f"no free port in {base_port + 2 * slot}..{base_port + 2 * slot + 1} on {host}")
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        return httpx.get(f"{url}/ping", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def launch_server(
+    model_uri: str,
+    name: str,
+    kind: WrapperKind,
+    host: str,
+    port: int,
+    servers_dir: Path,
+    tracking_uri: str,
+    startup_timeout_s: float,
+) -> ServerHandle:
+    """Start `mlflow models serve` and wait until `/ping` answers; kill it if it never does."""
+    servers_dir.mkdir(parents=True, exist_ok=True)
+    log_path = servers_dir / f"{name}-{port}.log"
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_REGISTRY_URI": tracking_uri,
+        # `mlflow models serve --env-manager local` execs uvicorn from PATH.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    cmd = [
+        sys.executable, "-m", "mlflow", "models", "serve",
+        "-m", model_uri, "-h", host, "-p", str(port), "--env-manager", "local",
+    ]  # fmt: skip
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    handle = ServerHandle(
+        name=name,
+        kind=kind,
+        model_uri=model_uri,
+        host=host,
+        port=port,
+        pid=proc.pid,
+        process_started=psutil.Process(proc.pid).create_time(),
+        log_path=log_path,
+        started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    deadline = time.monotonic() + startup_timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServingError(
+                f"mlflow models serve for {model_uri} exited with {proc.returncode}:\n{_log_tail(log_path)}"
+            )
+        if healthy(handle.url):
+            return handle
+        time.sleep(0.5)
+    terminate(handle)
+    raise ServingError(
+        f"{model_uri} not healthy on {handle.url} after {startup_timeout_s:.0f}s:\n{_log_tail(log_path)}"
+    )
+
+
+def terminate(handle: ServerHandle, grace_s: float = 10.0) -> None:
+    """Stop the server's whole process group (uvicorn workers included)."""
+    if not is_running(handle):
+        return
+    try:
+        os.killpg(handle.pid, signal.SIGTERM)
+        psutil.Process(handle.pid).wait(timeout=grace_s)
+    except psutil.TimeoutExpired:
+        os.killpg(handle.pid, signal.SIGKILL)
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        pass
+
+
+def sample_request(kind: WrapperKind, question: str, max_tokens: int) -> dict[str, Any]:
+    """The `/invocations` body of one question for a served model of `kind`."""
+    if kind is WrapperKind.PROMPT_ONNX:
+        prompt = f"<|user|>\n{question}<|end|>\n<|assistant|>\n"
+        return {"dataframe_records": [{"prompt": prompt}]}
+    return {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens}
+
+
+def answer_text(kind: WrapperKind, body: Any) -> str:
+    """The generated text in an `/invocations` response of a model of `kind`."""
+    predictions = body.get("predictions", body) if isinstance(body, dict) else body
+    first = predictions[0] if isinstance(predictions, list) else predictions
+    if kind is WrapperKind.PROMPT_ONNX:
+        if not isinstance(first, str):
+            raise ServingError(f"expected a string prediction, got {first!r}")
+        return first
+    try:
+        return str(first["choices"][0]["message"]["content"])
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ServingError(f"not a chat completion: {first!r}") from exc
+
+
+def ask(handle: ServerHandle, question: str, max_tokens: int = 32, timeout: float = 120.0) -> str:
+    """Send one question over HTTP and return the answer text."""
+    response = httpx.post(
+        f"{handle.url}/invocations", json=sample_request(handle.kind, question, max_tokens), timeout=timeout
+    )
+    if response.status_code != 200:
+        raise ServingError(f"{handle.url}/invocations answered {response.status_code}: {response.text[:500]}")
+    return answer_text(handle.kind, response.json())
+
+
+def check_server(handle: ServerHandle, question: str, expect: Callable[[str], bool] | None = None) -> str:
+    """Health (`/ping`, `/version`) and a smoke request whose answer must be non-empty."""
+    if not healthy(handle.url):
+        raise ServingError(f"{handle.url}/ping is not healthy")
+    version = httpx.get(f"{handle.url}/version", timeout=5.0)
+    if version.status_code != 200 or not version.text.strip():
+        raise ServingError(f"{handle.url}/version answered {version.status_code}")
+    answer = ask(handle, question)
+    if not answer.strip():
+        raise ServingError(f"{handle.url} answered an empty string to {question!r}")
+    if expect is not None and not expect(answer):
+        raise ServingError(f"{handle.url} answered {answer!r} to {question!r}, which failed the check")
+    return answer
+
+
+def status_of(servers_dir: Path, name: str) -> ServerStatus:
+    handle = read_handle(servers_dir, name)
+    if handle is None:
+        return ServerStatus(name=name, state="absent")
+    if not is_running(handle):
+        return ServerStatus(name=name, state="dead", handle=handle, detail=_log_tail(handle.log_path, 5))
+    if not healthy(handle.url):
+        return ServerStatus(name=name, state="unhealthy", handle=handle)
+    return ServerStatus(name=name, state="serving", handle=handle)
+
+
+class ServeResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    handle: ServerHandle
+    answer: str
+    replaced: ServerHandle | None = None
+    reused: bool = False
+
+
+@task(retries=1, retry_delay_seconds=5, task_run_name="serve-{name}")
+def serve_model(
+    model_uri: str,
+    name: str,
+    kind: WrapperKind,
+    host: str,
+    base_port: int | None,
+    slot: int,
+    servers_dir: Path,
+    tracking_uri: str,
+    startup_timeout_s: float,
+    smoke_question: str,
+) -> ServeResult:
+    """Serve `model_uri` as `name`: reuse a healthy server of the same URI, else start, check, switch."""
+    logger = get_run_logger()
+    current = status_of(servers_dir, name)
+    if current.state == "serving" and current.handle and current.handle.model_uri == model_uri:
+        answer = check_server(current.handle, smoke_question)
+        logger.info("%s already serves %s on %s", name, model_uri, current.handle.url)
+        return ServeResult(handle=current.handle, answer=answer, reused=True)
+    port = choose_port(host, base_port, slot, current.handle)
+    handle = launch_server(model_uri, name, kind, host, port, servers_dir, tracking_uri, startup_timeout_s)
+    try:
+        answer = check_server(handle, smoke_question)
+    except Exception:
+        terminate(handle)  # the old server, if any, keeps serving
+        raise
+    _write_handle(servers_dir, handle)
+    if current.handle is not None:
+        terminate(current.handle)
+    logger.info("%s: %s serving on %s (answer to %r: %r)", name, model_uri, handle.url, smoke_question, answer)
+    return ServeResult(handle=handle, answer=answer, replaced=current.handle)
+
+
+def stop_model_server(servers_dir: Path, name: str) -> ServerStatus:
+    """Stop the server of `name` and forget it."""
+    handle = read_handle(servers_dir, name)
+    if handle is None:
+        return ServerStatus(name=name, state="absent")
+    terminate(handle)
+    state_path(servers_dir, name).unlink(missing_ok=True)
+    return ServerStatus(name=name, state="absent", handle=handle, detail="stopped")
+
+
+def describe(status: ServerStatus) -> dict[str, Any]:
+    """A flat, JSON-friendly summary for tables and CLI output."""
+    handle = status.handle
+    return {
+        "name": status.name,
+        "state": status.state,
+        "url": handle.url if handle else "",
+        "model_uri": handle.model_uri if handle else "",
+        "pid": handle.pid if handle else None,
+        "detail": status.detail,
+    }
+

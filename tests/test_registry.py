@@ -1,0 +1,116 @@
+"""Registry tasks on a real MLflow SQLite store: register, promote, compensate, roll back, audit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from mlflow.models import infer_signature
+from prefect.logging import disable_run_logger
+
+from tasks.registry import (
+    ModelVersionRef,
+    audit_trail,
+    promote_version,
+    read_state,
+    register_version,
+    rollback_version,
+)
+
+pytestmark = pytest.mark.integration
+ECHO_MODEL = Path(__file__).parent / "support" / "echo_model.py"
+
+
+def log_echo_model(tracking_uri: str) -> str:
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="echo",
+            python_model=str(ECHO_MODEL),
+            signature=infer_signature({"prompt": "hi"}, ["echo: hi"]),
+        )
+    return info.model_uri
+
+
+def register(tracking_uri: str, name: str, passed: bool = True) -> ModelVersionRef:
+    with disable_run_logger():
+        return register_version.fn(
+            tracking_uri, log_echo_model(tracking_uri), name, {"slmops.validation.passed": str(passed).lower()}
+        )
+
+
+def promote(tracking_uri: str, ref: ModelVersionRef, tmp_path: Path):
+    with disable_run_logger():
+        return promote_version.fn(tracking_uri, ref, "test", tmp_path / "locks")
+
+
+def test_register_is_idempotent_for_the_same_logged_model(tracking_uri):
+    uri = log_echo_model(tracking_uri)
+    with disable_run_logger():
+        first = register_version.fn(tracking_uri, uri, "m", {})
+        again = register_version.fn(tracking_uri, uri, "m", {})
+    assert first == again == ModelVersionRef(name="m", version=1)
+
+
+def test_promotion_moves_stages_and_aliases_and_archives_the_old(tracking_uri, tmp_path):
+    client = MlflowClient(tracking_uri=tracking_uri)
+    v1 = register(tracking_uri, "m")
+    report1 = promote(tracking_uri, v1, tmp_path)
+    assert report1.previous_production is None
+    v2 = register(tracking_uri, "m")
+    report2 = promote(tracking_uri, v2, tmp_path)
+    assert report2.previous_production == 1
+    state = read_state(client, "m")
+    assert state.stages == {1: "Archived", 2: "Production"}
+    assert state.aliases == {"champion": 2}
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "2"
+    moves = [e.move for e in audit_trail(tracking_uri, "m")]
+    assert "version 2 -> Staging" in moves and "@challenger -> version 2" in moves
+    assert "version 2 -> Production" in moves and "@champion -> version 2" in moves
+    assert all(e.by and e.reason == "test" for e in audit_trail(tracking_uri, "m"))
+
+
+def test_unvalidated_version_is_never_promoted(tracking_uri, tmp_path):
+    v1 = register(tracking_uri, "m")
+    promote(tracking_uri, v1, tmp_path)
+    bad = register(tracking_uri, "m", passed=False)
+    with pytest.raises(ValueError, match="has not passed validation"):
+        promote(tracking_uri, bad, tmp_path)
+    state = read_state(MlflowClient(tracking_uri=tracking_uri), "m")
+    assert state.stages == {1: "Production", 2: "None"} and state.aliases == {"champion": 1}
+
+
+def test_failure_mid_promotion_leaves_previous_production(tracking_uri, tmp_path, monkeypatch):
+    v1 = register(tracking_uri, "m")
+    promote(tracking_uri, v1, tmp_path)
+    v2 = register(tracking_uri, "m")
+    real_set_alias = MlflowClient.set_registered_model_alias
+
+    def fail_on_champion(self, name, alias, version):
+        if alias == "champion":
+            raise RuntimeError("registry went away")
+        return real_set_alias(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", fail_on_champion)
+    with pytest.raises(RuntimeError, match="registry went away"):
+        promote(tracking_uri, v2, tmp_path)
+    monkeypatch.undo()
+    state = read_state(MlflowClient(tracking_uri=tracking_uri), "m")
+    assert state.production_version() == 1
+    assert state.aliases["champion"] == 1
+    assert [v for v, s in state.stages.items() if s == "Production"] == [1]
+    assert any(e.reason.startswith("compensation") for e in audit_trail(tracking_uri, "m"))
+
+
+def test_rollback_to_an_earlier_version(tracking_uri, tmp_path):
+    v1 = register(tracking_uri, "m")
+    promote(tracking_uri, v1, tmp_path)
+    v2 = register(tracking_uri, "m")
+    promote(tracking_uri, v2, tmp_path)
+    with disable_run_logger():
+        report = rollback_version.fn(tracking_uri, v1, "bad answers", tmp_path / "locks")
+    assert report.previous_production == 2 and report.production_version == 1
+    state = read_state(MlflowClient(tracking_uri=tracking_uri), "m")
+    assert state.stages == {1: "Production", 2: "Archived"} and state.aliases == {"champion": 1}
