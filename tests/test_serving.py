@@ -1,0 +1,75 @@
+"""Managed `mlflow models serve` processes over real HTTP (a trivial pyfunc model)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+from prefect.logging import disable_run_logger
+
+from slmops.config import WrapperKind
+from tasks.serving import ask, serve_model, status_of, stop_model_server
+from tests.test_registry import register
+
+pytestmark = pytest.mark.e2e
+
+
+def serve(tracking_uri, uri, servers_dir):
+    with disable_run_logger():
+        return serve_model.fn(
+            uri, "echo", WrapperKind.PROMPT_ONNX, "127.0.0.1", None, 0, servers_dir, tracking_uri, 120.0, "hello"
+        )
+
+
+def test_serve_switch_status_and_stop(tracking_uri, tmp_path):
+    servers = tmp_path / "servers"
+    v1 = register(tracking_uri, "echo")
+    first = serve(tracking_uri, v1.uri, servers)
+    assert first.answer.startswith("echo: ") and "hello" in first.answer
+    assert first.handle.host == "127.0.0.1"
+    assert status_of(servers, "echo").state == "serving"
+
+    # Same model again: the healthy server is reused, not restarted.
+    again = serve(tracking_uri, v1.uri, servers)
+    assert again.reused and again.handle.pid == first.handle.pid
+
+    # A new version: started beside the old one, checked, switched, then the old one stopped.
+    v2 = register(tracking_uri, "echo")
+    second = serve(tracking_uri, v2.uri, servers)
+    assert second.replaced == first.handle and second.handle.port != first.handle.port
+    assert status_of(servers, "echo").handle.model_uri == v2.uri
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{first.handle.url}/ping", timeout=2)
+    assert "hello" in ask(second.handle, "hello")
+
+    stopped = stop_model_server(servers, "echo")
+    assert stopped.detail == "stopped" and status_of(servers, "echo").state == "absent"
+
+
+def test_a_crashed_server_is_seen_by_status_and_repaired_by_serve(tracking_uri, tmp_path):
+    servers = tmp_path / "servers"
+    v1 = register(tracking_uri, "echo")
+    first = serve(tracking_uri, v1.uri, servers)
+    os.killpg(first.handle.pid, signal.SIGKILL)
+    for _ in range(50):
+        if status_of(servers, "echo").state == "dead":
+            break
+        time.sleep(0.1)
+    assert status_of(servers, "echo").state == "dead"
+    repaired = serve(tracking_uri, v1.uri, servers)
+    assert not repaired.reused and status_of(servers, "echo").state == "serving"
+    stop_model_server(servers, "echo")
+
+
+def test_a_model_that_cannot_serve_leaves_the_old_server(tracking_uri, tmp_path):
+    servers = tmp_path / "servers"
+    v1 = register(tracking_uri, "echo")
+    first = serve(tracking_uri, v1.uri, servers)
+    with pytest.raises(Exception, match="exited|not healthy"):
+        serve(tracking_uri, "models:/echo/99", servers)
+    assert status_of(servers, "echo").handle == first.handle
+    assert status_of(servers, "echo").state == "serving"
+    stop_model_server(servers, "echo")
