@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +24,7 @@ class Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class WrapperKind(str, Enum):
+class WrapperKind(StrEnum):
     """The MLflow models a release builds from one snapshot."""
 
     CHAT_TRANSFORMERS = "chat-transformers"  # transformers pipeline, task llm/v1/chat
@@ -150,3 +150,21 @@ class Settings(Spec):
             hf_token=SecretStr(token) if token else None,
             hf_endpoint=env.get("HF_ENDPOINT") or None,
         )
+
+
+class RollbackConfig(Spec):
+    """Parameters of the rollback flow: which model goes back to which version, and why."""
+
+    kind: WrapperKind = WrapperKind.CHAT_TRANSFORMERS
+    version: int = Field(ge=1)
+    reason: str = Field(min_length=3)
+    registry: RegistrySpec = RegistrySpec()
+    serve: ServeSpec = ServeSpec()
+
+
+class ServeFlowConfig(Spec):
+    """Parameters of the serve flow: start (or repair), stop, or report the model servers."""
+
+    action: Literal["start", "stop", "status"] = "status"
+    registry: RegistrySpec = RegistrySpec()
+    serve: ServeSpec = ServeSpec()

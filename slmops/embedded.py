@@ -7,6 +7,7 @@ microsoft/Phi-3-mini-4k-instruct-onnx.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,10 +29,8 @@ def ensure_embedded_repos(cache_root: Path) -> dict[str, Path]:
                 "# Tiny Phi-3 ONNX (slmops embedded default)\n\n"
                 f"int4 CPU build under `{PHI3_ONNX_INT4_SUBFOLDER}/`.\n"
             )
-            try:
+            with contextlib.suppress(OSError):  # built concurrently by another process
                 staging.rename(onnx_repo)
-            except OSError:  # built concurrently by another process
-                pass
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return {PHI3_REPO_ID: model_dir, PHI3_ONNX_REPO_ID: onnx_repo}

@@ -68,7 +68,9 @@ def plan_moves(current: RegistryState, desired: RegistryState) -> list[RegistryM
     moves: list[RegistryMove] = []
     new_prod = desired.production_version()
     if new_prod is not None and current.stages.get(new_prod) != "Production":
-        moves.append(RegistryMove(kind="stage", version=new_prod, stage="Production", archive_existing=True))
+        moves.append(
+            RegistryMove(kind="stage", version=new_prod, stage="Production", archive_existing=True)
+        )
     # What the archive_existing call above already did to the old Production versions.
     after_first = dict(current.stages)
     if moves:
@@ -91,7 +93,9 @@ def plan_moves(current: RegistryState, desired: RegistryState) -> list[RegistryM
     return moves
 
 
-def _with(state: RegistryState, stages: Mapping[int, Stage], aliases: Mapping[str, int | None]) -> RegistryState:
+def _with(
+    state: RegistryState, stages: Mapping[int, Stage], aliases: Mapping[str, int | None]
+) -> RegistryState:
     new_stages = {**state.stages, **stages}
     new_aliases = {**state.aliases}
     for alias, version in aliases.items():
@@ -116,7 +120,9 @@ def production_state(current: RegistryState, version: int) -> RegistryState:
             f"version {version} is in stage {current.stages.get(version)!r}; "
             "only a Staging version can be promoted to Production"
         )
-    archived: dict[int, Stage] = {v: "Archived" for v, s in current.stages.items() if s == "Production" and v != version}
+    archived: dict[int, Stage] = {
+        v: "Archived" for v, s in current.stages.items() if s == "Production" and v != version
+    }
     challenger = current.aliases.get(CHALLENGER)
     return _with(
         current,
@@ -131,5 +137,7 @@ def rollback_state(current: RegistryState, version: int) -> RegistryState:
         raise PromotionError(f"version {version} is not registered")
     if current.stages[version] == "Production":
         raise PromotionError(f"version {version} is already in Production")
-    archived: dict[int, Stage] = {v: "Archived" for v, s in current.stages.items() if s == "Production"}
+    archived: dict[int, Stage] = {
+        v: "Archived" for v, s in current.stages.items() if s == "Production"
+    }
     return _with(current, {**archived, version: "Production"}, {CHAMPION: version})

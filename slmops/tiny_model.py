@@ -12,6 +12,7 @@ fake hub derives its commit SHA from them).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -261,10 +262,8 @@ def ensure_tiny_phi3(cache_root: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".tiny-phi3-", dir=cache_root))
     try:
         build_tiny_phi3(staging)
-        try:
+        with contextlib.suppress(OSError):  # another process finished first: theirs is identical
             staging.rename(target)
-        except OSError:  # another process finished first: theirs is identical
-            pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -93,7 +93,9 @@ def read_state(client: MlflowClient, name: str) -> RegistryState:
 def _flow_run_name() -> str | None:
     with contextlib.suppress(Exception):
         ctx = get_run_context()
-        run = getattr(ctx, "flow_run", None) or getattr(getattr(ctx, "task_run", None), "flow_run_id", None)
+        run = getattr(ctx, "flow_run", None) or getattr(
+            getattr(ctx, "task_run", None), "flow_run_id", None
+        )
         return str(getattr(run, "name", run)) if run else None
     return None
 
@@ -125,7 +127,9 @@ def _apply(client: MlflowClient, name: str, move: RegistryMove, reason: str) -> 
     return entry
 
 
-def reach_state(client: MlflowClient, name: str, desired: RegistryState, reason: str) -> list[AuditEntry]:
+def reach_state(
+    client: MlflowClient, name: str, desired: RegistryState, reason: str
+) -> list[AuditEntry]:
     """Apply the moves to `desired`; if one fails, restore the state from before and re-raise."""
     before = read_state(client, name)
     audit: list[AuditEntry] = []
@@ -168,15 +172,22 @@ def register_version(
     return ModelVersionRef(name=name, version=int(version.version))
 
 
-def _promote(client: MlflowClient, ref: ModelVersionRef, reason: str, lock_dir: Path) -> PromotionReport:
+def _promote(
+    client: MlflowClient, ref: ModelVersionRef, reason: str, lock_dir: Path
+) -> PromotionReport:
     with registry_lock(lock_dir, ref.name):
         previous = read_state(client, ref.name).production_version()
-        audit = reach_state(client, ref.name, staging_state(read_state(client, ref.name), ref.version), reason)
+        audit = reach_state(
+            client, ref.name, staging_state(read_state(client, ref.name), ref.version), reason
+        )
         audit += reach_state(
             client, ref.name, production_state(read_state(client, ref.name), ref.version), reason
         )
     return PromotionReport(
-        name=ref.name, production_version=ref.version, previous_production=previous, audit=tuple(audit)
+        name=ref.name,
+        production_version=ref.version,
+        previous_production=previous,
+        audit=tuple(audit),
     )
 
 
@@ -193,7 +204,12 @@ def promote_version(
             f"{(version.tags or {}).get('slmops.validation.passed')!r}); refusing to promote it"
         )
     report = _promote(client, ref, reason, lock_dir)
-    get_run_logger().info("%s: Production is now version %s (was %s)", ref.name, ref.version, report.previous_production)
+    get_run_logger().info(
+        "%s: Production is now version %s (was %s)",
+        ref.name,
+        ref.version,
+        report.previous_production,
+    )
     return report
 
 
@@ -208,7 +224,10 @@ def rollback_version(
         previous = current.production_version()
         audit = reach_state(client, ref.name, rollback_state(current, ref.version), reason)
     return PromotionReport(
-        name=ref.name, production_version=ref.version, previous_production=previous, audit=tuple(audit)
+        name=ref.name,
+        production_version=ref.version,
+        previous_production=previous,
+        audit=tuple(audit),
     )
 
 
@@ -221,3 +240,13 @@ def audit_trail(tracking_uri: str, name: str) -> list[AuditEntry]:
             if key.startswith(AUDIT_TAG_PREFIX):
                 entries.append(AuditEntry(**json.loads(value)))
     return sorted(entries, key=lambda e: e.at)
+
+
+def champion_version(tracking_uri: str, name: str) -> ModelVersionRef | None:
+    """The version behind `models:/name@champion`, or None if there is none yet."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        version = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None
+    return ModelVersionRef(name=name, version=int(version.version))

@@ -82,7 +82,10 @@ def _write_handle(servers_dir: Path, handle: ServerHandle) -> None:
 def is_running(handle: ServerHandle) -> bool:
     try:
         proc = psutil.Process(handle.pid)
-        return abs(proc.create_time() - handle.process_started) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+        return (
+            abs(proc.create_time() - handle.process_started) < 1.0
+            and proc.status() != psutil.STATUS_ZOMBIE
+        )
     except psutil.NoSuchProcess:
         return False
 
@@ -109,7 +112,9 @@ def choose_port(host: str, base_port: int | None, slot: int, current: ServerHand
     for port in (base_port + 2 * slot, base_port + 2 * slot + 1):
         if (current is None or port != current.port) and _port_is_free(host, port):
             return port
-    raise ServingError(f"no free port in {base_port + 2 * slot}..{base_port + 2 * slot + 1} on {host}")
+    raise ServingError(
+        f"no free port in {base_port + 2 * slot}..{base_port + 2 * slot + 1} on {host}"
+    )
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
@@ -218,14 +223,20 @@ def answer_text(kind: WrapperKind, body: Any) -> str:
 def ask(handle: ServerHandle, question: str, max_tokens: int = 32, timeout: float = 120.0) -> str:
     """Send one question over HTTP and return the answer text."""
     response = httpx.post(
-        f"{handle.url}/invocations", json=sample_request(handle.kind, question, max_tokens), timeout=timeout
+        f"{handle.url}/invocations",
+        json=sample_request(handle.kind, question, max_tokens),
+        timeout=timeout,
     )
     if response.status_code != 200:
-        raise ServingError(f"{handle.url}/invocations answered {response.status_code}: {response.text[:500]}")
+        raise ServingError(
+            f"{handle.url}/invocations answered {response.status_code}: {response.text[:500]}"
+        )
     return answer_text(handle.kind, response.json())
 
 
-def check_server(handle: ServerHandle, question: str, expect: Callable[[str], bool] | None = None) -> str:
+def check_server(
+    handle: ServerHandle, question: str, expect: Callable[[str], bool] | None = None
+) -> str:
     """Health (`/ping`, `/version`) and a smoke request whose answer must be non-empty."""
     if not healthy(handle.url):
         raise ServingError(f"{handle.url}/ping is not healthy")
@@ -236,7 +247,9 @@ def check_server(handle: ServerHandle, question: str, expect: Callable[[str], bo
     if not answer.strip():
         raise ServingError(f"{handle.url} answered an empty string to {question!r}")
     if expect is not None and not expect(answer):
-        raise ServingError(f"{handle.url} answered {answer!r} to {question!r}, which failed the check")
+        raise ServingError(
+            f"{handle.url} answered {answer!r} to {question!r}, which failed the check"
+        )
     return answer
 
 
@@ -245,7 +258,9 @@ def status_of(servers_dir: Path, name: str) -> ServerStatus:
     if handle is None:
         return ServerStatus(name=name, state="absent")
     if not is_running(handle):
-        return ServerStatus(name=name, state="dead", handle=handle, detail=_log_tail(handle.log_path, 5))
+        return ServerStatus(
+            name=name, state="dead", handle=handle, detail=_log_tail(handle.log_path, 5)
+        )
     if not healthy(handle.url):
         return ServerStatus(name=name, state="unhealthy", handle=handle)
     return ServerStatus(name=name, state="serving", handle=handle)
@@ -281,7 +296,9 @@ def serve_model(
         logger.info("%s already serves %s on %s", name, model_uri, current.handle.url)
         return ServeResult(handle=current.handle, answer=answer, reused=True)
     port = choose_port(host, base_port, slot, current.handle)
-    handle = launch_server(model_uri, name, kind, host, port, servers_dir, tracking_uri, startup_timeout_s)
+    handle = launch_server(
+        model_uri, name, kind, host, port, servers_dir, tracking_uri, startup_timeout_s
+    )
     try:
         answer = check_server(handle, smoke_question)
     except Exception:
@@ -290,7 +307,14 @@ def serve_model(
     _write_handle(servers_dir, handle)
     if current.handle is not None:
         terminate(current.handle)
-    logger.info("%s: %s serving on %s (answer to %r: %r)", name, model_uri, handle.url, smoke_question, answer)
+    logger.info(
+        "%s: %s serving on %s (answer to %r: %r)",
+        name,
+        model_uri,
+        handle.url,
+        smoke_question,
+        answer,
+    )
     return ServeResult(handle=handle, answer=answer, replaced=current.handle)
 
 
@@ -315,4 +339,3 @@ def describe(status: ServerStatus) -> dict[str, Any]:
         "pid": handle.pid if handle else None,
         "detail": status.detail,
     }
-

@@ -43,7 +43,9 @@ def test_first_promotion_goes_through_staging_to_production():
 
 
 def test_promotion_archives_previous_production_first():
-    state = RegistryState(stages={1: "Production", 2: "Staging"}, aliases={CHAMPION: 1, CHALLENGER: 2})
+    state = RegistryState(
+        stages={1: "Production", 2: "Staging"}, aliases={CHAMPION: 1, CHALLENGER: 2}
+    )
     moves = plan_moves(state, production_state(state, 2))
     assert moves[0].kind == "stage" and moves[0].version == 2 and moves[0].archive_existing
     after = _apply(state, moves)
@@ -73,9 +75,13 @@ def test_rollback_restores_an_archived_version():
 
 
 def test_compensation_plan_restores_the_state_before():
-    before = RegistryState(stages={1: "Production", 2: "Staging"}, aliases={CHAMPION: 1, CHALLENGER: 2})
+    before = RegistryState(
+        stages={1: "Production", 2: "Staging"}, aliases={CHAMPION: 1, CHALLENGER: 2}
+    )
     # A promotion that stopped after its first move: 2 in Production, champion still on 1.
-    partial = RegistryState(stages={1: "Archived", 2: "Production"}, aliases={CHAMPION: 1, CHALLENGER: 2})
+    partial = RegistryState(
+        stages={1: "Archived", 2: "Production"}, aliases={CHAMPION: 1, CHALLENGER: 2}
+    )
     restored = _apply(partial, plan_moves(partial, before))
     assert restored == before
 

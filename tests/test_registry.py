@@ -37,7 +37,10 @@ def log_echo_model(tracking_uri: str) -> str:
 def register(tracking_uri: str, name: str, passed: bool = True) -> ModelVersionRef:
     with disable_run_logger():
         return register_version.fn(
-            tracking_uri, log_echo_model(tracking_uri), name, {"slmops.validation.passed": str(passed).lower()}
+            tracking_uri,
+            log_echo_model(tracking_uri),
+            name,
+            {"slmops.validation.passed": str(passed).lower()},
         )
 
 

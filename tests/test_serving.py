@@ -20,7 +20,16 @@ pytestmark = pytest.mark.e2e
 def serve(tracking_uri, uri, servers_dir):
     with disable_run_logger():
         return serve_model.fn(
-            uri, "echo", WrapperKind.PROMPT_ONNX, "127.0.0.1", None, 0, servers_dir, tracking_uri, 120.0, "hello"
+            uri,
+            "echo",
+            WrapperKind.PROMPT_ONNX,
+            "127.0.0.1",
+            None,
+            0,
+            servers_dir,
+            tracking_uri,
+            120.0,
+            "hello",
         )
 
 
