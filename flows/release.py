@@ -202,8 +202,20 @@ def release_markdown(report: ReleaseReport) -> str:
     return "\n".join(lines)
 
 
+def load_config(argument: str | None) -> ReleaseConfig:
+    """A ReleaseConfig from a parameter file (deployments/*.yaml), a JSON string, or defaults."""
+    if argument is None:
+        return ReleaseConfig()
+    if argument.endswith((".yaml", ".yml")):
+        import yaml
+
+        with open(argument) as handle:
+            return ReleaseConfig.model_validate(yaml.safe_load(handle)["config"])
+    return ReleaseConfig.model_validate_json(argument)
+
+
 if __name__ == "__main__":
     import sys
 
-    config = ReleaseConfig.model_validate_json(sys.argv[1]) if len(sys.argv) > 1 else ReleaseConfig()
-    print(json.dumps(release(config).model_dump(mode="json"), indent=2))
+    report = release(load_config(sys.argv[1] if len(sys.argv) > 1 else None))
+    print(json.dumps(report.model_dump(mode="json"), indent=2))

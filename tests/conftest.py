@@ -62,3 +62,12 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture()
+def fake_hub(embedded_repos: dict[str, Path]):
+    """A loopback fake Hugging Face hub serving the embedded repos, fresh (no faults) per test."""
+    from slmops.fake_hub import FakeHub
+
+    with FakeHub(embedded_repos) as hub:
+        yield hub

@@ -1,0 +1,369 @@
+"""Log the three MLflow models of a release: the transformers chat pipeline and two ONNX pyfuncs.
+
+Each task opens one run, logs the source and options as params and tags, logs the model with the
+MLflow 3 API and returns a `LoggedModelRef`. If anything fails the run ends FAILED, is tagged
+`slmops.candidate=false` with the reason, and any LoggedModel it created is deleted, so nothing
+half-logged can be picked up as a release candidate. A snapshot that is not a causal LM is
+rejected before any run is opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Iterator, Mapping
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Param, RunStatus
+from mlflow.exceptions import MlflowException
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
+
+from slmops import onnx_chat_model, onnx_prompt_model
+from slmops.config import GenerationSpec, OnnxExportSpec, WrapperKind
+from slmops.onnx_builder import OnnxExportError
+from slmops.refs import LoggedModelRef
+from slmops.signatures import expected_signature, input_example
+from tasks.onnx_export import validate_onnx_folder
+
+CANDIDATE_TAG = "slmops.candidate"
+KIND_TAG = "slmops.kind"
+FAILURE_TAG = "slmops.failure"
+SOURCE_KEYS = ("repo", "commit")
+_WRAPPER_FILES = {
+    WrapperKind.PROMPT_ONNX: Path(onnx_prompt_model.__file__),
+    WrapperKind.CHAT_ONNX: Path(onnx_chat_model.__file__),
+}
+
+# MLflow's fluent logging API reads one process-wide tracking URI. Tasks that log set it for
+# the duration of one call, under this lock, so two tasks in one process writing to different
+# stores cannot interleave.
+_TRACKING_LOCK = threading.RLock()
+_log = logging.getLogger(__name__)
+
+
+class SnapshotError(ValueError):
+    """The snapshot folder is not a Hugging Face causal language model."""
+
+
+@contextlib.contextmanager
+def use_tracking_uri(tracking_uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at `tracking_uri` for one block, then restore the previous URI."""
+    with _TRACKING_LOCK:
+        previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+        mlflow.set_tracking_uri(tracking_uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None unsets it
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of a SQLite store go beside its database (MLflow's default is ./mlruns of the
+    current directory, wherever the process happens to run)."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    db_path = Path(unquote(tracking_uri.removeprefix(prefix).split("?", 1)[0])).resolve()
+    return (db_path.parent / "mlartifacts").as_uri()
+
+
+def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(
+            name, artifact_location=default_artifact_location(tracking_uri)
+        )
+    except MlflowException:  # created concurrently
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def check_causal_lm(snapshot_dir: Path) -> str:
+    """The causal-LM architecture of `snapshot_dir`, or a SnapshotError saying what is wrong."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config_path = snapshot_dir / "config.json"
+    if not config_path.is_file():
+        raise SnapshotError(f"{snapshot_dir} is not a Hugging Face model folder: no config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as error:
+        raise SnapshotError(f"{config_path} is not valid JSON: {error}") from error
+    architectures = config.get("architectures") or []
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    found = [a for a in architectures if a in causal or a.endswith("ForCausalLM")]
+    if not found:
+        raise SnapshotError(
+            f"{snapshot_dir} is not a causal language model: config.json has model_type "
+            f"{config.get('model_type')!r} and architectures {architectures or 'none'}; "
+            "a text-generation pipeline needs e.g. Phi3ForCausalLM"
+        )
+    if not any((snapshot_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise SnapshotError(f"{snapshot_dir} has no tokenizer (tokenizer.json or tokenizer.model)")
+    return found[0]
+
+
+def _check_source(source: Mapping[str, str]) -> dict[str, str]:
+    """`repo` (or `repo_id`, as the hub task names it) and `commit`, plus any other keys."""
+    normalized = {k: str(v) for k, v in source.items() if v is not None}
+    if "repo" not in normalized and "repo_id" in normalized:
+        normalized["repo"] = normalized.pop("repo_id")
+    missing = [key for key in SOURCE_KEYS if not normalized.get(key)]
+    if missing:
+        raise ValueError(f"source must name {', '.join(SOURCE_KEYS)}; missing {missing}")
+    return normalized
+
+
+def _pinned(*packages: str) -> list[str]:
+    # Explicit requirements: MLflow's inference runs the model in a subprocess (slow), and its
+    # transformers defaults require torchvision, which this project does not install.
+    pins = []
+    for package in packages:
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def _wrapper_code(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    # The models-from-code files are what gets logged, so they belong in the cache key beside
+    # the task's own source.
+    digest = hashlib.sha256()
+    for path in sorted(_WRAPPER_FILES.values()):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry store hiccups (a locked SQLite, an unreachable server), never bad input."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, SnapshotError | OnnxExportError | ValueError)
+
+
+LOG_CACHE_POLICY = INPUTS + TASK_SOURCE + CachePolicy.from_cache_key_fn(_wrapper_code)
+_TASK_OPTIONS: dict[str, Any] = dict(
+    cache_policy=LOG_CACHE_POLICY,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_transient,
+)
+
+
+@contextlib.contextmanager
+def candidate_run(
+    tracking_uri: str,
+    experiment: str,
+    kind: WrapperKind,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+) -> Iterator[str]:
+    """A run that becomes a candidate only if its block completes; yields the run id.
+
+    On failure the run ends FAILED, is tagged non-candidate with the reason, and the
+    LoggedModels it produced are deleted.
+    """
+    client = MlflowClient(tracking_uri)
+    with use_tracking_uri(tracking_uri):
+        exp_id = experiment_id(client, experiment, tracking_uri)
+        run = client.create_run(
+            exp_id,
+            run_name=f"log-{kind.value}",
+            tags={**tags, KIND_TAG: kind.value, CANDIDATE_TAG: "pending"},
+        )
+        run_id = run.info.run_id
+        try:
+            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+            with mlflow.start_run(run_id=run_id):
+                yield run_id
+        except BaseException as error:
+            _discard(client, exp_id, run_id, error)
+            raise
+        client.set_tag(run_id, CANDIDATE_TAG, "true")
+
+
+def _discard(client: MlflowClient, exp_id: str, run_id: str, error: BaseException) -> None:
+    """Leave a failed run that no one can mistake for a candidate (best effort: the original
+    error is what the caller must see, even if the store is what failed)."""
+    try:
+        client.set_tag(run_id, CANDIDATE_TAG, "false")
+        client.set_tag(run_id, FAILURE_TAG, f"{type(error).__name__}: {error}"[:5000])
+        for model in client.search_logged_models(
+            experiment_ids=[exp_id], filter_string=f"source_run_id = '{run_id}'"
+        ):
+            client.delete_logged_model(model.model_id)
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+    except Exception:
+        _log.exception("could not mark run %s as failed", run_id)
+
+
+def _source_params(source: Mapping[str, str]) -> dict[str, str]:
+    return {f"source.{key}": value for key, value in _check_source(source).items()}
+
+
+def _generation_params(generation: GenerationSpec) -> dict[str, Any]:
+    return {f"generation.{k}": v for k, v in generation.model_dump().items()}
+
+
+def _source_tags(source: Mapping[str, str]) -> dict[str, str]:
+    checked = _check_source(source)
+    return {f"slmops.source.{key}": checked[key] for key in SOURCE_KEYS}
+
+
+def _ref(info: Any, run_id: str, kind: WrapperKind) -> LoggedModelRef:
+    return LoggedModelRef(
+        model_uri=info.model_uri, run_id=run_id, kind=kind, model_id=info.model_id
+    )
+
+
+@task(**_TASK_OPTIONS)
+def log_chat_pipeline(
+    tracking_uri: str,
+    experiment: str,
+    snapshot_dir: Path,
+    generation: GenerationSpec,
+    source: dict[str, str],
+) -> LoggedModelRef:
+    """Log the snapshot as a transformers text-generation pipeline with task llm/v1/chat.
+
+    The weights are stored in the model (`save_pretrained=True`): the snapshot is local, and a
+    hub reference would make the model unusable offline.
+
+    Args:
+        tracking_uri: MLflow tracking store.
+        experiment: experiment name (created if absent).
+        snapshot_dir: Hugging Face snapshot folder of a causal LM.
+        generation: defaults baked into the model config.
+        source: `repo` (or `repo_id`) and `commit` the snapshot came from; other keys, such
+            as `revision`, are logged too.
+    """
+    kind = WrapperKind.CHAT_TRANSFORMERS
+    architecture = check_causal_lm(snapshot_dir)
+    params = {**_source_params(source), **_generation_params(generation)}
+    params["architecture"] = architecture
+    with candidate_run(tracking_uri, experiment, kind, params, _source_tags(source)) as run_id:
+        import transformers
+
+        # add_bos_token=False: the tokenizer config says so, but transformers 5 keeps the BOS
+        # of tokenizer.json's post-processor unless told explicitly. With a BOS, MLflow counts
+        # it as a completion token (usage off by one, finish_reason "stop" at the length limit),
+        # and the prompts differ from what onnxruntime-genai's tokenizer produces.
+        tokenizer = transformers.AutoTokenizer.from_pretrained(snapshot_dir, add_bos_token=False)
+        # dtype="auto": the checkpoint's own dtype (bf16 for Phi-3), not an fp32 copy of it.
+        model = transformers.AutoModelForCausalLM.from_pretrained(snapshot_dir, dtype="auto")
+        pipe = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+        model_config: dict[str, Any] = {
+            "max_new_tokens": generation.max_new_tokens,
+            "do_sample": generation.do_sample,
+        }
+        if generation.do_sample:
+            model_config["temperature"] = generation.temperature
+        info = mlflow.transformers.log_model(
+            transformers_model=pipe,
+            name=kind.value,
+            task="llm/v1/chat",
+            model_config=model_config,
+            input_example=input_example(kind),
+            save_pretrained=True,
+            pip_requirements=_pinned("transformers", "torch", "accelerate"),
+            tags={KIND_TAG: kind.value, **_source_tags(source)},
+        )
+    return _ref(info, run_id, kind)
+
+
+def _log_onnx_pyfunc(
+    kind: WrapperKind,
+    tracking_uri: str,
+    experiment: str,
+    onnx_dir: Path,
+    generation: GenerationSpec,
+    export: OnnxExportSpec,
+    source: Mapping[str, str],
+) -> LoggedModelRef:
+    validate_onnx_folder(onnx_dir)
+    params = {
+        **_source_params(source),
+        **_generation_params(generation),
+        **{f"onnx.{k}": v for k, v in export.model_dump().items()},
+    }
+    model_config: dict[str, Any] = {
+        "max_new_tokens": generation.max_new_tokens,
+        "temperature": generation.temperature,
+    }
+    if kind is WrapperKind.CHAT_ONNX:
+        model_config["model_name"] = _check_source(source)["repo"]
+    with candidate_run(tracking_uri, experiment, kind, params, _source_tags(source)) as run_id:
+        info = mlflow.pyfunc.log_model(
+            name=kind.value,
+            python_model=str(_WRAPPER_FILES[kind]),
+            artifacts={onnx_prompt_model.ARTIFACT_KEY: str(onnx_dir)},
+            model_config=model_config,
+            signature=expected_signature(kind),
+            input_example=input_example(kind),
+            pip_requirements=_pinned("mlflow", "onnxruntime-genai", "numpy", "pandas"),
+            tags={KIND_TAG: kind.value, **_source_tags(source)},
+        )
+    return _ref(info, run_id, kind)
+
+
+@task(**_TASK_OPTIONS)
+def log_onnx_prompt_model(
+    tracking_uri: str,
+    experiment: str,
+    onnx_dir: Path,
+    generation: GenerationSpec,
+    export: OnnxExportSpec,
+    source: dict[str, str],
+) -> LoggedModelRef:
+    """Log the onnxruntime-genai folder as the `{prompt} -> string` pyfunc (models from code).
+
+    Args:
+        tracking_uri: MLflow tracking store.
+        experiment: experiment name (created if absent).
+        onnx_dir: onnxruntime-genai model folder (built, or the hub release's subfolder).
+        generation: defaults baked into the model config.
+        export: how the folder was obtained (logged as params).
+        source: `repo` (or `repo_id`) and `commit` the folder came from.
+    """
+    return _log_onnx_pyfunc(
+        WrapperKind.PROMPT_ONNX, tracking_uri, experiment, onnx_dir, generation, export, source
+    )
+
+
+@task(**_TASK_OPTIONS)
+def log_onnx_chat_model(
+    tracking_uri: str,
+    experiment: str,
+    onnx_dir: Path,
+    generation: GenerationSpec,
+    export: OnnxExportSpec,
+    source: dict[str, str],
+) -> LoggedModelRef:
+    """Log the onnxruntime-genai folder as an llm/v1/chat pyfunc with the transformers signature.
+
+    Args:
+        tracking_uri: MLflow tracking store.
+        experiment: experiment name (created if absent).
+        onnx_dir: onnxruntime-genai model folder (built, or the hub release's subfolder).
+        generation: defaults baked into the model config.
+        export: how the folder was obtained (logged as params).
+        source: `repo` (or `repo_id`) and `commit` the folder came from.
+    """
+    return _log_onnx_pyfunc(
+        WrapperKind.CHAT_ONNX, tracking_uri, experiment, onnx_dir, generation, export, source
+    )

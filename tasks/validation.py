@@ -1,0 +1,375 @@
+"""Validate logged models: signature, serving example, sample outputs, and runtime parity.
+
+Every task reads the model through the given tracking URI (never MLflow's process-wide one) and
+returns a small frozen report with `passed`; `validate_model` combines them into the
+`ValidationReport` the release flow promotes on. Results are written back onto the model's run:
+the great-expectations result JSON and the sample outputs as artifacts, and pass counts,
+latency and throughput as metrics linked to the LoggedModel.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
+
+from slmops.config import GenerationSpec, WrapperKind
+from slmops.expectations import (
+    OutputSuiteSpec,
+    SamplePrompt,
+    model_input,
+    run_output_suite,
+    sample_frame,
+    sample_prompts,
+    sample_row,
+)
+from slmops.refs import LoggedModelRef
+from slmops.reports import (
+    OutputReport,
+    ParityReport,
+    ServingExampleReport,
+    SignatureReport,
+    ValidationReport,
+)
+from slmops.signatures import expected_signature, input_example, signature_diff
+
+VALIDATION_TAG = "slmops.validation"
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called via .fn outside a flow
+        return logging.getLogger(__name__)
+
+
+def local_model_dir(tracking_uri: str, model_ref: LoggedModelRef) -> Path:
+    """The model's artifacts on local disk (no copy for a local store).
+
+    Resolved through `MlflowClient(tracking_uri)`: `download_artifacts("models:/m-...",
+    tracking_uri=...)` looks the LoggedModel up in the process-wide store instead.
+    """
+    import mlflow
+
+    location = MlflowClient(tracking_uri).get_logged_model(model_ref.model_id).artifact_location
+    return Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=tracking_uri)
+    )
+
+
+@task
+def validate_signature(
+    tracking_uri: str, model_ref: LoggedModelRef, kind: WrapperKind | None = None
+) -> SignatureReport:
+    """Compare the logged signature with the one `kind` (default: the ref's kind) must have."""
+    from mlflow.models import Model
+
+    kind = kind or model_ref.kind
+    logged = Model.load(str(local_model_dir(tracking_uri, model_ref) / "MLmodel")).signature
+    differences = signature_diff(expected_signature(kind), logged)
+    for line in differences:
+        _logger().warning("signature of %s: %s", model_ref.model_uri, line)
+    return SignatureReport(
+        kind=kind,
+        model_uri=model_ref.model_uri,
+        passed=not differences,
+        differences=tuple(differences),
+    )
+
+
+def _output_problem(kind: WrapperKind, output: Any) -> str | None:
+    """Why a prediction for one request is not the shape `kind` promises, or None."""
+    if not isinstance(output, list) or len(output) != 1:
+        return f"expected a list with one prediction, got {type(output).__name__}: {output!r:.200}"
+    (item,) = output
+    if kind is WrapperKind.PROMPT_ONNX:
+        ok = isinstance(item, str) and bool(item.strip())
+        return None if ok else f"expected a non-empty string, got {item!r:.200}"
+    try:
+        content = item["choices"][0]["message"]["content"]
+        usage = item["usage"]
+        counts = [usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
+    except (KeyError, IndexError, TypeError):
+        return f"expected a chat completion, got {item!r:.200}"
+    if not isinstance(content, str) or not content.strip():
+        return f"empty completion: {item!r:.200}"
+    if not all(isinstance(c, int) for c in counts):
+        return f"usage counts are not integers: {usage!r}"
+    return None
+
+
+@task
+def validate_serving_example(
+    tracking_uri: str, model_ref: LoggedModelRef, kind: WrapperKind | None = None
+) -> ServingExampleReport:
+    """Replay the kind's input example as `/invocations` would and check the answer's shape."""
+    from mlflow.models import convert_input_example_to_serving_input, validate_serving_input
+
+    kind = kind or model_ref.kind
+    payload = convert_input_example_to_serving_input(input_example(kind))
+    try:
+        with warnings.catch_warnings():
+            # Deprecated since MLflow 3.13 in favour of `mlflow.models.predict`, which runs the
+            # model in a subprocess environment; this replays /invocations in-process.
+            warnings.simplefilter("ignore", FutureWarning)
+            output = validate_serving_input(str(local_model_dir(tracking_uri, model_ref)), payload)
+    except Exception as error:  # any failure to serve the example is the finding
+        return ServingExampleReport(
+            kind=kind,
+            model_uri=model_ref.model_uri,
+            passed=False,
+            error=f"{type(error).__name__}: {error}"[:2000],
+        )
+    problem = _output_problem(kind, output)
+    return ServingExampleReport(
+        kind=kind,
+        model_uri=model_ref.model_uri,
+        passed=problem is None,
+        error=problem,
+        output_preview=repr(output)[:500],
+    )
+
+
+def _logged_max_new_tokens(folder: Path) -> int:
+    """The token budget the model was logged with (the pyfunc `config` of both flavors)."""
+    from mlflow.models import Model
+
+    config = Model.load(str(folder / "MLmodel")).flavors.get("python_function", {}).get("config")
+    return int((config or {}).get("max_new_tokens", GenerationSpec().max_new_tokens))
+
+
+@task
+def validate_outputs(
+    tracking_uri: str,
+    model_ref: LoggedModelRef,
+    kind: WrapperKind | None = None,
+    generation: GenerationSpec | None = None,
+    known_answers: bool = True,
+    prompts: Sequence[SamplePrompt] | None = None,
+) -> OutputReport:
+    """Predict the fixed sample prompts and check them with the great-expectations suite.
+
+    Args:
+        tracking_uri: MLflow tracking store holding the model.
+        model_ref: the logged model.
+        kind: the wrapper kind to validate as (default: the ref's kind).
+        generation: the options the model was logged with; default: read from the model
+            (its token budget bounds the completion-length checks).
+        known_answers: require the tiny model's trained answers (off for a real model).
+        prompts: override the sample prompts.
+    """
+    import mlflow
+
+    kind = kind or model_ref.kind
+    folder = local_model_dir(tracking_uri, model_ref)
+    max_tokens = generation.max_new_tokens if generation else _logged_max_new_tokens(folder)
+    samples = tuple(prompts) if prompts is not None else sample_prompts(known_answers)
+    model = mlflow.pyfunc.load_model(str(folder))
+    rows, latencies, errors = [], [], []
+    for sample in samples:
+        started = time.perf_counter()
+        try:
+            output = model.predict(model_input(kind, sample))
+        except Exception as error:  # a sample the model cannot answer is a finding, not a crash
+            output = None
+            errors.append(f"{sample.question!r}: {type(error).__name__}: {error}"[:500])
+        latencies.append(time.perf_counter() - started)
+        rows.append(sample_row(kind, sample, output, max_tokens))
+    frame = sample_frame(rows)
+    spec = OutputSuiteSpec(kind=kind, max_tokens=max_tokens, check_known_answers=known_answers)
+    outcome = run_output_suite(frame, spec)
+
+    tokens_per_s = None
+    if spec.has_usage and frame["completion_tokens"].notna().all():
+        tokens_per_s = float(frame["completion_tokens"].sum()) / max(sum(latencies), 1e-9)
+    client = MlflowClient(tracking_uri)
+    artifact = f"validation/{kind.value}/gx_result.json"
+    client.log_dict(model_ref.run_id, outcome.result, artifact)
+    client.log_dict(
+        model_ref.run_id,
+        {"rows": frame.astype(object).where(frame.notna(), None).to_dict(orient="records")},
+        f"validation/{kind.value}/samples.json",
+    )
+    metrics = {
+        "validation.samples": len(samples),
+        "validation.expectations_evaluated": outcome.evaluated,
+        "validation.expectations_passed": outcome.passed,
+        "validation.predict_errors": len(errors),
+        "validation.latency_mean_s": statistics.fmean(latencies),
+        "validation.latency_max_s": max(latencies),
+    }
+    if tokens_per_s is not None:
+        metrics["validation.tokens_per_s"] = tokens_per_s
+    for key, value in metrics.items():
+        client.log_metric(model_ref.run_id, key, float(value), model_id=model_ref.model_id)
+
+    failures = tuple(errors) + outcome.failures
+    for line in failures:
+        _logger().warning("outputs of %s: %s", model_ref.model_uri, line)
+    return OutputReport(
+        kind=kind,
+        model_uri=model_ref.model_uri,
+        passed=outcome.success and not errors,
+        samples=len(samples),
+        expectations_evaluated=outcome.evaluated,
+        expectations_passed=outcome.passed,
+        failures=failures,
+        mean_latency_s=statistics.fmean(latencies),
+        tokens_per_s=tokens_per_s,
+        result_artifact=f"runs:/{model_ref.run_id}/{artifact}",
+    )
+
+
+def _transformers_greedy(snapshot_dir: Path, prompts: Sequence[str], max_new_tokens: int):
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(snapshot_dir, add_bos_token=False)
+    model: Any = transformers.AutoModelForCausalLM.from_pretrained(
+        snapshot_dir, dtype=torch.float32
+    )
+    model.eval()
+    results = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+        prompt_ids = ids["input_ids"][0].tolist()
+        results.append((prompt_ids, out[0, len(prompt_ids) :].tolist()))
+    return results
+
+
+def _onnx_greedy(onnx_dir: Path, prompts: Sequence[str], max_new_tokens: int):
+    import onnxruntime_genai as og
+
+    model = og.Model(str(onnx_dir))
+    tokenizer = og.Tokenizer(model)
+    results = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)
+        new = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            new.append(int(generator.get_next_tokens()[0]))
+        results.append(([int(i) for i in ids], new))
+    return results
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+@task
+def compare_runtimes(
+    snapshot_dir: Path,
+    onnx_fp32_dir: Path,
+    prompts: Sequence[str] | None = None,
+    max_new_tokens: int = 32,
+    min_agreement: float = 0.95,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+) -> ParityReport:
+    """Greedy transformers against greedy onnxruntime-genai fp32, token by token.
+
+    A prompt agrees up to the first differing token (after a divergence the two continue from
+    different text, so later positions say nothing). Agreement is agreeing / compared tokens.
+
+    Args:
+        snapshot_dir: the Hugging Face snapshot.
+        onnx_fp32_dir: its fp32 onnxruntime-genai export.
+        prompts: raw prompts (default: the sample prompts in the Phi-3 chat template).
+        max_new_tokens: tokens generated per prompt.
+        min_agreement: the agreement needed to pass.
+        tracking_uri: with `run_id`, where to log the agreement metrics.
+        run_id: the run to log them on.
+    """
+    prompts = list(prompts) if prompts is not None else [s.prompt() for s in sample_prompts()]
+    torch_results = _transformers_greedy(snapshot_dir, prompts, max_new_tokens)
+    onnx_results = _onnx_greedy(onnx_fp32_dir, prompts, max_new_tokens)
+    compared = agreeing = 0
+    mismatches = []
+    for prompt, (t_prompt, t_new), (o_prompt, o_new) in zip(
+        prompts, torch_results, onnx_results, strict=True
+    ):
+        if t_prompt != o_prompt:
+            mismatches.append(
+                f"{prompt!r:.60}: tokenizers differ ({len(t_prompt)} vs {len(o_prompt)} ids)"
+            )
+        length = max(len(t_new), len(o_new))
+        same = _common_prefix(t_new, o_new)
+        compared += length
+        agreeing += same
+        if same < length:
+            mismatches.append(
+                f"{prompt!r:.60}: diverges at new token {same} "
+                f"(transformers {t_new[same : same + 1]}, onnx {o_new[same : same + 1]})"
+            )
+    agreement = agreeing / compared if compared else 1.0
+    report = ParityReport(
+        passed=agreement >= min_agreement and not any("tokenizers differ" in m for m in mismatches),
+        prompts=len(prompts),
+        compared_tokens=compared,
+        agreeing_tokens=agreeing,
+        agreement=agreement,
+        min_agreement=min_agreement,
+        mismatches=tuple(mismatches),
+    )
+    _logger().info(
+        "runtime parity: %d/%d tokens agree (%.3f) over %d prompts",
+        agreeing, compared, agreement, len(prompts),
+    )  # fmt: skip
+    if tracking_uri and run_id:
+        client = MlflowClient(tracking_uri)
+        client.log_metric(run_id, "parity.agreement", agreement)
+        client.log_metric(run_id, "parity.compared_tokens", compared)
+        client.set_tag(run_id, "slmops.parity", "passed" if report.passed else "failed")
+    return report
+
+
+@task
+def validate_model(
+    tracking_uri: str,
+    model_ref: LoggedModelRef,
+    generation: GenerationSpec | None = None,
+    known_answers: bool = True,
+    parity: ParityReport | None = None,
+) -> ValidationReport:
+    """All checks for one logged model; tags its run `slmops.validation=passed|failed`.
+
+    Args:
+        tracking_uri: MLflow tracking store holding the model.
+        model_ref: the logged model.
+        generation: the options the model was logged with (default: read from the model).
+        known_answers: require the tiny model's trained answers (off for a real model).
+        parity: the runtime comparison, for ONNX models, if one was run.
+    """
+    report = ValidationReport(
+        model=model_ref,
+        signature=validate_signature.fn(tracking_uri, model_ref),
+        serving_example=validate_serving_example.fn(tracking_uri, model_ref),
+        outputs=validate_outputs.fn(
+            tracking_uri, model_ref, generation=generation, known_answers=known_answers
+        ),
+        parity=parity,
+    )
+    client = MlflowClient(tracking_uri)
+    verdict = "passed" if report.passed else "failed"
+    client.set_tag(model_ref.run_id, VALIDATION_TAG, verdict)
+    client.set_logged_model_tags(model_ref.model_id, {VALIDATION_TAG: verdict})
+    client.set_tag(model_ref.run_id, f"{VALIDATION_TAG}.summary", report.summary()[:5000])
+    return report

@@ -1,0 +1,296 @@
+"""The onnxruntime-genai wrappers run directly (no MLflow store), and the ONNX export task."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PythonModelContext
+
+from slmops.config import OnnxExportSpec
+from slmops.onnx_builder import GENAI_CONFIG, OnnxExportError
+from slmops.onnx_chat_model import OnnxChatModel, requests_from_input
+from slmops.onnx_prompt_model import ARTIFACT_KEY, OnnxPromptModel, prompts_from_input
+from slmops.tiny_model import TRAINED_ANSWERS, chat_prompt
+from tasks.onnx_export import export_dir, export_onnx, validate_onnx_folder
+
+SPAIN = "What is the capital of Spain?"
+
+
+def _context(onnx_dir: Path, **config) -> PythonModelContext:
+    return PythonModelContext(artifacts={ARTIFACT_KEY: str(onnx_dir)}, model_config=config)
+
+
+@pytest.fixture(scope="module")
+def prompt_model(tiny_onnx_int4_dir: Path) -> OnnxPromptModel:
+    model = OnnxPromptModel()
+    model.load_context(_context(tiny_onnx_int4_dir, max_new_tokens=32, temperature=0.0))
+    return model
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_onnx_int4_dir: Path) -> OnnxChatModel:
+    model = OnnxChatModel()
+    model.load_context(_context(tiny_onnx_int4_dir, max_new_tokens=32, model_name="tiny/phi3"))
+    return model
+
+
+def _ask(question: str, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": question}], **extra}
+
+
+# --- input parsing ------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "model_input",
+    [
+        pd.DataFrame({"prompt": ["a", "b"]}),
+        {"prompt": ["a", "b"]},
+        [{"prompt": "a"}, {"prompt": "b"}],
+        ["a", "b"],
+    ],
+)
+def test_prompts_come_from_every_input_form(model_input):
+    assert prompts_from_input(model_input) == ["a", "b"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("model_input", [pd.DataFrame({"text": ["a"]}), {"text": "a"}, 3, [1]])
+def test_prompt_input_without_prompts_is_rejected(model_input):
+    with pytest.raises(MlflowException):
+        prompts_from_input(model_input)
+
+
+@pytest.mark.unit
+def test_chat_requests_from_frames_dicts_and_bare_messages():
+    messages = [{"role": "user", "content": "hi"}]
+    frame = pd.DataFrame({"messages": [messages, messages], "max_tokens": [3, None]})
+    from_frame = requests_from_input(frame)
+    assert from_frame[0]["max_tokens"] == 3
+    assert "max_tokens" not in from_frame[1]  # a NaN pandas filled in is "not sent"
+    assert requests_from_input({"messages": messages}) == [{"messages": messages}]
+    assert requests_from_input(messages) == [{"messages": messages}]
+
+
+# --- the prompt wrapper ---------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_prompt_model_answers_a_batch_of_trained_questions(prompt_model):
+    questions = list(TRAINED_ANSWERS)
+    answers = prompt_model.predict(
+        None, pd.DataFrame({"prompt": [chat_prompt(q) for q in questions]})
+    )
+    assert answers == [TRAINED_ANSWERS[q] for q in questions]
+
+
+@pytest.mark.integration
+def test_prompt_model_follows_the_token_budget(tiny_onnx_int4_dir):
+    model = OnnxPromptModel()
+    model.load_context(_context(tiny_onnx_int4_dir, max_new_tokens=3))
+    (answer,) = model.predict(None, {"prompt": chat_prompt(SPAIN)})
+    assert answer == "The capital of"
+
+
+@pytest.mark.integration
+def test_prompt_model_samples_when_temperature_is_set(tiny_onnx_int4_dir):
+    model = OnnxPromptModel()
+    model.load_context(_context(tiny_onnx_int4_dir, max_new_tokens=8, temperature=1.0))
+    (answer,) = model.predict(None, {"prompt": chat_prompt(SPAIN)})
+    assert isinstance(answer, str)
+
+
+@pytest.mark.integration
+def test_concurrent_prompt_predictions_match_sequential_ones(prompt_model):
+    prompts = [chat_prompt(q) for q in TRAINED_ANSWERS] * 3
+    sequential = [prompt_model.predict(None, {"prompt": p})[0] for p in prompts]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        concurrent = list(pool.map(lambda p: prompt_model.predict(None, {"prompt": p})[0], prompts))
+    assert concurrent == sequential
+    assert sequential[: len(TRAINED_ANSWERS)] == list(TRAINED_ANSWERS.values())
+
+
+# --- the chat wrapper ---------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_chat_model_answers_with_a_complete_chat_completion(chat_model):
+    (completion,) = chat_model.predict(None, _ask(SPAIN))
+    assert completion["object"] == "chat.completion"
+    assert completion["id"].startswith("chatcmpl-")
+    assert completion["model"] == "tiny/phi3"
+    assert isinstance(completion["created"], int)
+    (choice,) = completion["choices"]
+    assert choice == {
+        "index": 0,
+        "message": {"role": "assistant", "content": "The capital of Spain is Madrid."},
+        "finish_reason": "stop",
+    }
+    usage = completion["usage"]
+    # 18 prompt tokens (as transformers counts them) and 7 answer tokens + <|end|>.
+    assert usage == {"prompt_tokens": 18, "completion_tokens": 8, "total_tokens": 26}
+
+
+@pytest.mark.integration
+def test_chat_model_applies_the_system_prompt_template(chat_model):
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Who are you?"},
+    ]
+    (completion,) = chat_model.predict(None, {"messages": messages})
+    assert completion["choices"][0]["message"]["content"] == TRAINED_ANSWERS["Who are you?"]
+    assert completion["usage"]["prompt_tokens"] > 18
+
+
+@pytest.mark.integration
+def test_chat_model_reports_length_when_the_budget_runs_out(chat_model):
+    (completion,) = chat_model.predict(None, _ask(SPAIN, max_tokens=3))
+    assert completion["choices"][0]["finish_reason"] == "length"
+    assert completion["choices"][0]["message"]["content"] == "The capital of"
+    assert completion["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.integration
+def test_chat_model_stops_at_a_stop_sequence(chat_model):
+    (completion,) = chat_model.predict(None, _ask(SPAIN, stop=["Spain"]))
+    choice = completion["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert choice["message"]["content"].rstrip() == "The capital of"
+
+
+@pytest.mark.integration
+def test_chat_model_gives_n_choices_and_counts_all_their_tokens(chat_model):
+    (completion,) = chat_model.predict(None, _ask(SPAIN, n=2, temperature=0.0))
+    assert [c["index"] for c in completion["choices"]] == [0, 1]
+    assert completion["usage"]["completion_tokens"] == 16
+    usage = completion["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+@pytest.mark.integration
+def test_chat_model_answers_a_batch_frame_row_by_row(chat_model):
+    frame = pd.DataFrame(
+        {"messages": [_ask(q)["messages"] for q in TRAINED_ANSWERS], "temperature": 0.0}
+    )
+    completions = chat_model.predict(None, frame)
+    assert [c["choices"][0]["message"]["content"] for c in completions] == list(
+        TRAINED_ANSWERS.values()
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "request_",
+    [
+        _ask(SPAIN, stream=True),
+        _ask(SPAIN, max_tokens=0),
+        _ask(SPAIN, n=100),
+        _ask(SPAIN, temperature=5.0),
+        {"messages": [{"role": "robot", "content": "hi"}]},
+        {"messages": []},
+        {"prompt": "no messages"},
+    ],
+)
+def test_chat_model_rejects_bad_requests(chat_model, request_):
+    with pytest.raises(MlflowException):
+        chat_model.predict(None, request_)
+
+
+@pytest.mark.integration
+def test_concurrent_chat_predictions_match_sequential_ones(chat_model):
+    requests = [_ask(q) for q in TRAINED_ANSWERS] * 3
+
+    def answer(request: dict) -> tuple[str, dict]:
+        (completion,) = chat_model.predict(None, request)
+        return completion["choices"][0]["message"]["content"], completion["usage"]
+
+    sequential = [answer(r) for r in requests]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        concurrent = list(pool.map(answer, requests))
+    assert concurrent == sequential
+
+
+# --- ONNX folders -------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_validate_onnx_folder_accepts_the_embedded_release(tiny_onnx_int4_dir):
+    assert validate_onnx_folder(tiny_onnx_int4_dir) == tiny_onnx_int4_dir
+
+
+@pytest.mark.unit
+def test_validate_onnx_folder_explains_what_is_missing(tiny_onnx_int4_dir, tmp_path):
+    with pytest.raises(OnnxExportError, match="does not exist"):
+        validate_onnx_folder(tmp_path / "absent")
+    # The hub repo root instead of its precision subfolder: a common mistake.
+    with pytest.raises(OnnxExportError, match=f"no {GENAI_CONFIG}.*subfolder"):
+        validate_onnx_folder(tiny_onnx_int4_dir.parent.parent)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_onnx_int4_dir, broken)
+    (broken / "model.onnx").unlink()
+    with pytest.raises(OnnxExportError, match="names decoder 'model.onnx'"):
+        validate_onnx_folder(broken)
+    (broken / GENAI_CONFIG).write_text("{not json")
+    with pytest.raises(OnnxExportError, match="not a valid genai config"):
+        validate_onnx_folder(broken)
+
+
+@pytest.mark.unit
+def test_export_dir_is_named_by_model_and_spec(tmp_path):
+    int4, fp32 = OnnxExportSpec(), OnnxExportSpec(precision="fp32")
+    assert export_dir(tmp_path / "a", int4, tmp_path) == export_dir(tmp_path / "a", int4, tmp_path)
+    assert export_dir(tmp_path / "a", int4, tmp_path) != export_dir(tmp_path / "b", int4, tmp_path)
+    assert export_dir(tmp_path / "a", int4, tmp_path) != export_dir(tmp_path / "a", fp32, tmp_path)
+
+
+@pytest.mark.unit
+def test_export_refuses_a_hub_spec_and_a_folder_without_config(tmp_path):
+    with pytest.raises(OnnxExportError, match="validate_onnx_folder"):
+        export_onnx.fn(tmp_path, OnnxExportSpec(source="hub"), tmp_path / "out")
+    with pytest.raises(OnnxExportError, match="no config.json"):
+        export_onnx.fn(tmp_path, OnnxExportSpec(), tmp_path / "out")
+
+
+@pytest.mark.integration
+def test_export_builds_once_into_its_folder(tiny_model_dir, tmp_path):
+    spec = OnnxExportSpec(precision="fp32")
+    out = export_onnx.fn(tiny_model_dir, spec, tmp_path)
+    assert out == export_dir(tiny_model_dir, spec, tmp_path)
+    assert json.loads((out / GENAI_CONFIG).read_text())["model"]["type"] == "phi3"
+    stamp = (out / GENAI_CONFIG).stat().st_mtime_ns
+    assert export_onnx.fn(tiny_model_dir, spec, tmp_path) == out
+    assert (out / GENAI_CONFIG).stat().st_mtime_ns == stamp  # reused, not rebuilt
+    model = OnnxPromptModel()
+    model.load_context(_context(out, max_new_tokens=16))
+    assert model.predict(None, {"prompt": chat_prompt(SPAIN)}) == [TRAINED_ANSWERS[SPAIN]]
+
+
+@pytest.mark.integration
+def test_export_task_is_cached_until_its_folder_disappears(
+    tiny_model_dir, tmp_path, prefect_harness
+):
+    from prefect import flow
+
+    spec = OnnxExportSpec()
+
+    @flow
+    def export_thrice() -> list:
+        return [export_onnx(tiny_model_dir, spec, tmp_path, return_state=True) for _ in range(3)]
+
+    first, second, third = export_thrice()
+    # No key while the folder is absent; the second run stores it; the third is served from it.
+    assert [first.name, second.name, third.name] == ["Completed", "Completed", "Cached"]
+    folder = third.result()
+    assert first.result() == folder
+    shutil.rmtree(folder)
+    states = export_thrice()
+    assert states[0].name != "Cached"  # the folder was gone: rebuilt, not a stale path
+    assert (states[0].result() / GENAI_CONFIG).is_file()
+    assert states[1].name == "Cached"
