@@ -10,7 +10,7 @@ import mlflow
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict
 
-from slmops.config import HubSpec, ReleaseConfig, Settings, WrapperKind
+from slmops.config import HubSpec, OnnxExportSpec, ReleaseConfig, Settings, WrapperKind
 from slmops.tiny_model import TRAINED_ANSWERS
 from tasks.hub import fetch_model_snapshot, fetch_onnx_release
 from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
@@ -18,7 +18,7 @@ from tasks.onnx_export import export_onnx
 from tasks.registry import champion_version, promote_version, register_version
 from tasks.reporting import publish_link, publish_markdown, publish_table
 from tasks.serving import serve_model
-from tasks.validation import validate_model
+from tasks.validation import compare_runtimes, validate_model
 
 SMOKE_QUESTION = next(iter(TRAINED_ANSWERS))
 EXPERIMENT = "slmops-release"
@@ -119,14 +119,29 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
         ),
     }
 
+    parity = None
+    if config.runtime_parity:
+        fp32_dir = export_onnx(
+            snapshot.path, OnnxExportSpec(precision="fp32"), settings.cache_dir / "onnx"
+        )
+        parity = compare_runtimes(
+            snapshot.path, fp32_dir, tracking_uri=settings.tracking_uri,
+            run_id=logged[WrapperKind.PROMPT_ONNX].run_id,
+        )  # fmt: skip
+
     outcomes: dict[WrapperKind, WrapperOutcome] = {}
     for kind, ref in logged.items():
-        report = validate_model(settings.tracking_uri, ref, known_answers=config.hub.source == "embedded")
+        report = validate_model(
+            settings.tracking_uri, ref, known_answers=config.hub.source == "embedded",
+            parity=parity if kind is not WrapperKind.CHAT_TRANSFORMERS else None,
+        )  # fmt: skip
         name = config.registry.model_name(kind)
         tags = {
             "slmops.source.repo_id": snapshot.repo_id,
             "slmops.source.commit": snapshot.commit,
-            "slmops.onnx": config.onnx.model_dump_json() if kind is not WrapperKind.CHAT_TRANSFORMERS else "",
+            "slmops.onnx": config.onnx.model_dump_json()
+            if kind is not WrapperKind.CHAT_TRANSFORMERS
+            else "",
             "slmops.validation.passed": str(report.passed).lower(),
             "slmops.validation.summary": report.summary()[:4000],
         }
@@ -134,10 +149,14 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
         promoted = False
         if report.passed and config.promote:
             reason = f"release of {snapshot.repo_id}@{snapshot.commit[:12]}: validation passed"
-            promotion = promote_version(settings.tracking_uri, version, reason, settings.home / "locks")
+            promotion = promote_version(
+                settings.tracking_uri, version, reason, settings.home / "locks"
+            )
             promoted = True
             publish_table(
-                f"{name}-registry-moves", [e.model_dump() for e in promotion.audit], f"Stage and alias moves of {name}"
+                f"{name}-registry-moves",
+                [e.model_dump() for e in promotion.audit],
+                f"Stage and alias moves of {name}",
             )
         champion = champion_version(settings.tracking_uri, name)
         outcomes[kind] = WrapperOutcome(
@@ -155,7 +174,9 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
         for slot, kind in enumerate(config.serve.kinds):
             outcome = outcomes[kind]
             if outcome.production_version is None:
-                logger.warning("%s has no Production version: nothing to serve", outcome.registered_model)
+                logger.warning(
+                    "%s has no Production version: nothing to serve", outcome.registered_model
+                )
                 continue
             served = serve_model(
                 f"models:/{outcome.registered_model}/{outcome.production_version}",
@@ -163,7 +184,9 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
                 settings.servers_dir, settings.tracking_uri, config.serve.startup_timeout_s,
                 SMOKE_QUESTION,
             )  # fmt: skip
-            outcomes[kind] = outcome.model_copy(update={"endpoint": served.handle.url, "sample_answer": served.answer})
+            outcomes[kind] = outcome.model_copy(
+                update={"endpoint": served.handle.url, "sample_answer": served.answer}
+            )
             publish_link(
                 f"{outcome.registered_model}-endpoint",
                 f"{served.handle.url}/invocations",
@@ -175,13 +198,22 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
         repo_id=snapshot.repo_id, commit=snapshot.commit, tracking_uri=settings.tracking_uri,
         outcomes=tuple(outcomes.values()),
     )  # fmt: skip
-    publish_markdown("release-summary", release_markdown(result), "What this release registered, promoted and served")
+    publish_markdown(
+        "release-summary",
+        release_markdown(result),
+        "What this release registered, promoted and served",
+    )
     for outcome in result.outcomes:
         if outcome.sample_answer is not None:
-            print(f"{outcome.registered_model} v{outcome.production_version} at {outcome.endpoint}: {outcome.sample_answer!r}")
+            print(
+                f"{outcome.registered_model} v{outcome.production_version} at {outcome.endpoint}: {outcome.sample_answer!r}"
+            )
     if result.failed:
         names = ", ".join(f"{o.registered_model} v{o.version}" for o in result.failed)
-        raise ReleaseValidationError(f"validation failed for {names}; not promoted:\n" + "\n".join(o.validation_summary for o in result.failed))
+        raise ReleaseValidationError(
+            f"validation failed for {names}; not promoted:\n"
+            + "\n".join(o.validation_summary for o in result.failed)
+        )
     return result
 
 

@@ -43,6 +43,7 @@ class HubSpec(Spec):
     repo_id: str = PHI3_REPO_ID
     revision: str = "main"
     onnx_repo_id: str = PHI3_ONNX_REPO_ID
+    onnx_revision: str = "main"
     onnx_subfolder: str = PHI3_ONNX_INT4_SUBFOLDER
     # Weights-only download: skip the remote code and docs the pipeline doesn't need.
     allow_patterns: tuple[str, ...] = (
@@ -120,6 +121,9 @@ class ReleaseConfig(Spec):
     registry: RegistrySpec = RegistrySpec()
     serve: ServeSpec = ServeSpec()
     promote: bool = True
+    # Greedy transformers vs onnxruntime-genai fp32, token by token (needs an fp32 export: cheap
+    # for the tiny model, ~15 GB for the real Phi-3-mini).
+    runtime_parity: bool = True
 
 
 class Settings(Spec):

@@ -179,7 +179,9 @@ def _train_model(out_dir: Path) -> None:
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
+    eos_ids = [
+        tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")
+    ]
     config = Phi3Config(
         vocab_size=len(tokenizer),
         bos_token_id=1,
@@ -195,7 +197,9 @@ def _train_model(out_dir: Path) -> None:
     examples = []
     for question, answer in TRAINED_ANSWERS.items():
         for system in (None, "You are a helpful assistant."):
-            prompt_ids = tokenizer(chat_prompt(question, system), add_special_tokens=False)["input_ids"]
+            prompt_ids = tokenizer(chat_prompt(question, system), add_special_tokens=False)[
+                "input_ids"
+            ]
             answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
             end_id = tokenizer.convert_tokens_to_ids("<|end|>")
             ids = prompt_ids + answer_ids + [end_id]
@@ -269,7 +273,9 @@ def ensure_tiny_phi3(cache_root: Path) -> Path:
     return target
 
 
-def greedy_answers(model_dir: Path, questions: Sequence[str], max_new_tokens: int = 24) -> dict[str, str]:
+def greedy_answers(
+    model_dir: Path, questions: Sequence[str], max_new_tokens: int = 24
+) -> dict[str, str]:
     """Greedy transformers generations for `questions` (used to record what training achieved)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -281,7 +287,9 @@ def greedy_answers(model_dir: Path, questions: Sequence[str], max_new_tokens: in
         ids = tokenizer(chat_prompt(question), add_special_tokens=False, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-        answers[question] = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers[question] = tokenizer.decode(
+            out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True
+        )
     return answers
 
 

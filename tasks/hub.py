@@ -406,13 +406,13 @@ def fetch_model_snapshot(
 def fetch_onnx_release(spec: HubSpec, settings: Settings, endpoint: str | None = None) -> Path:
     """The hub's ONNX release of the model: its `spec.onnx_subfolder` folder, verified.
 
-    HubSpec has no revision for the ONNX repo, so its `main` is fetched (`spec.revision` names
-    a commit of the weights repo, which the ONNX repo does not have).
+    The ONNX repo has its own history, so it is pinned by `spec.onnx_revision`, not by the
+    weights repo's `spec.revision`.
     """
     subfolder = spec.onnx_subfolder.strip("/")
     ref = fetch_repo(
         spec.onnx_repo_id,
-        "main",
+        spec.onnx_revision,
         (f"{subfolder}/*",),
         hf_cache_dir(settings),
         endpoint=endpoint,

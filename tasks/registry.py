@@ -25,6 +25,7 @@ from prefect.context import get_run_context
 from pydantic import BaseModel, ConfigDict
 
 from slmops.promotion import (
+    CHAMPION,
     RegistryMove,
     RegistryState,
     plan_moves,
@@ -176,7 +177,17 @@ def _promote(
     client: MlflowClient, ref: ModelVersionRef, reason: str, lock_dir: Path
 ) -> PromotionReport:
     with registry_lock(lock_dir, ref.name):
-        previous = read_state(client, ref.name).production_version()
+        current = read_state(client, ref.name)
+        previous = current.production_version()
+        if previous == ref.version and current.aliases.get(CHAMPION) == ref.version:
+            # Already the champion (a re-run with unchanged inputs): moving it back through
+            # Staging would leave the model without a Production version for a moment.
+            return PromotionReport(
+                name=ref.name,
+                production_version=ref.version,
+                previous_production=previous,
+                audit=(),
+            )
         audit = reach_state(
             client, ref.name, staging_state(read_state(client, ref.name), ref.version), reason
         )

@@ -19,6 +19,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 from prefect import get_run_logger, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.exceptions import MissingContextError
 
 from slmops.config import GenerationSpec, WrapperKind
@@ -341,7 +342,7 @@ def compare_runtimes(
     return report
 
 
-@task
+@task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
 def validate_model(
     tracking_uri: str,
     model_ref: LoggedModelRef,

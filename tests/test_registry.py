@@ -117,3 +117,12 @@ def test_rollback_to_an_earlier_version(tracking_uri, tmp_path):
     assert report.previous_production == 2 and report.production_version == 1
     state = read_state(MlflowClient(tracking_uri=tracking_uri), "m")
     assert state.stages == {1: "Production", 2: "Archived"} and state.aliases == {"champion": 1}
+
+
+def test_promoting_the_champion_again_moves_nothing(tracking_uri, tmp_path):
+    v1 = register(tracking_uri, "m")
+    promote(tracking_uri, v1, tmp_path)
+    moves_before = len(audit_trail(tracking_uri, "m"))
+    report = promote(tracking_uri, v1, tmp_path)
+    assert report.audit == () and report.previous_production == 1
+    assert len(audit_trail(tracking_uri, "m")) == moves_before
