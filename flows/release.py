@@ -11,13 +11,14 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict
 
 from slmops.config import HubSpec, OnnxExportSpec, ReleaseConfig, Settings, WrapperKind
+from slmops.reports import ValidationReport
 from slmops.tiny_model import TRAINED_ANSWERS
 from tasks.hub import fetch_model_snapshot, fetch_onnx_release
 from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
 from tasks.onnx_export import export_onnx
 from tasks.registry import champion_version, promote_version, register_version
 from tasks.reporting import publish_link, publish_markdown, publish_table
-from tasks.serving import serve_model
+from tasks.serving import serve_front_door, serve_model
 from tasks.validation import compare_runtimes, validate_model
 
 SMOKE_QUESTION = next(iter(TRAINED_ANSWERS))
@@ -64,7 +65,7 @@ def hub_endpoint(hub: HubSpec, settings: Settings) -> Iterator[str | None]:
     if hub.source == "embedded":
         from slmops.fake_hub import serve_embedded
 
-        with serve_embedded(settings.cache_dir / "embedded") as fake:
+        with serve_embedded(settings.embedded_cache_dir) as fake:
             yield fake.endpoint
     else:
         yield settings.hf_endpoint
@@ -130,12 +131,14 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
         )  # fmt: skip
 
     outcomes: dict[WrapperKind, WrapperOutcome] = {}
+    validation_rows = []
     for kind, ref in logged.items():
         report = validate_model(
             settings.tracking_uri, ref, known_answers=config.hub.source == "embedded",
             parity=parity if kind is not WrapperKind.CHAT_TRANSFORMERS else None,
         )  # fmt: skip
         name = config.registry.model_name(kind)
+        validation_rows.append(validation_row(name, report))
         tags = {
             "slmops.source.repo_id": snapshot.repo_id,
             "slmops.source.commit": snapshot.commit,
@@ -170,6 +173,10 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
             production_version=champion.version if champion else None,
         )
 
+    publish_table(
+        "validation-results", validation_rows, "Validation of each wrapper built by this release"
+    )
+
     if config.serve.enabled:
         for slot, kind in enumerate(config.serve.kinds):
             outcome = outcomes[kind]
@@ -193,6 +200,19 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
                 f"{outcome.registered_model} v{outcome.production_version}",
                 "Served Production model",
             )
+        # The OpenAI-compatible front door over the served chat models (issue 5): started
+        # once, then reused; it follows the blue/green switches above on its own.
+        if config.serve.front_door:
+            door = serve_front_door(
+                settings.servers_dir, config.serve.host, config.serve.front_door_port,
+                config.serve.startup_timeout_s,
+            )  # fmt: skip
+            publish_link(
+                "front-door",
+                f"{door.openai_base_url}/chat/completions",
+                "OpenAI-compatible /v1/chat/completions",
+                "Front door for the served chat models (model = registered name)",
+            )
 
     result = ReleaseReport(
         repo_id=snapshot.repo_id, commit=snapshot.commit, tracking_uri=settings.tracking_uri,
@@ -215,6 +235,23 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
             + "\n".join(o.validation_summary for o in result.failed)
         )
     return result
+
+
+def validation_row(name: str, report: ValidationReport) -> dict[str, object]:
+    outputs = report.outputs
+    return {
+        "model": name,
+        "model_uri": report.model.model_uri,
+        "passed": report.passed,
+        "signature": "ok" if report.signature.passed else "; ".join(report.signature.differences),
+        "serving_example": "ok" if report.serving_example.passed else report.serving_example.error,
+        "expectations": f"{outputs.expectations_passed}/{outputs.expectations_evaluated}",
+        "samples": outputs.samples,
+        "mean_latency_s": round(outputs.mean_latency_s, 4),
+        "tokens_per_s": round(outputs.tokens_per_s, 1) if outputs.tokens_per_s else None,
+        "runtime_parity": round(report.parity.agreement, 4) if report.parity else None,
+        "failures": "; ".join(report.failures())[:500],
+    }
 
 
 def release_markdown(report: ReleaseReport) -> str:

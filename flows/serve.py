@@ -10,7 +10,17 @@ from slmops.config import ServeFlowConfig, Settings
 from slmops.tiny_model import TRAINED_ANSWERS
 from tasks.registry import champion_version
 from tasks.reporting import publish_table
-from tasks.serving import ServingError, describe, serve_model, status_of, stop_model_server
+from tasks.serving import (
+    ServingError,
+    describe,
+    describe_front_door,
+    front_door_status,
+    serve_front_door,
+    serve_model,
+    status_of,
+    stop_front_door,
+    stop_model_server,
+)
 
 SMOKE_QUESTION = next(iter(TRAINED_ANSWERS))
 
@@ -22,7 +32,8 @@ def serve(config: ServeFlowConfig = ServeFlowConfig()) -> list[dict]:
     Args:
         config: `action` is `start` (serve each champion; a dead or stale server is replaced),
             `stop` (stop every server) or `status` (report only); `registry` names the models;
-            `serve` gives the kinds, host and ports.
+            `serve` gives the kinds, host and ports, and whether the OpenAI-compatible front
+            door (`/v1/chat/completions` for the chat models) runs in front of them.
     """
     settings = Settings.from_env()
     logger = get_run_logger()
@@ -47,6 +58,19 @@ def serve(config: ServeFlowConfig = ServeFlowConfig()) -> list[dict]:
             status = status_of(settings.servers_dir, name)
         rows.append(describe(status))
         logger.info("%s: %s %s", name, status.state, rows[-1]["url"])
+    if config.action == "stop":
+        door = stop_front_door(settings.servers_dir)
+    elif config.action == "start" and config.serve.front_door:
+        serve_front_door(
+            settings.servers_dir, config.serve.host, config.serve.front_door_port,
+            config.serve.startup_timeout_s,
+        )  # fmt: skip
+        door = front_door_status(settings.servers_dir)
+    else:
+        door = front_door_status(settings.servers_dir)
+    if config.serve.front_door or door.handle is not None:
+        rows.append(describe_front_door(door))
+        logger.info("front door: %s %s", door.state, door.detail)
     publish_table("servers", rows, f"Model servers after '{config.action}'")
     return rows
 

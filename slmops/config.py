@@ -110,6 +110,10 @@ class ServeSpec(Spec):
     kinds: tuple[WrapperKind, ...] = (WrapperKind.CHAT_TRANSFORMERS, WrapperKind.PROMPT_ONNX)
     base_port: int | None = Field(default=None, ge=1024, le=65535)  # None: pick free ports
     startup_timeout_s: float = Field(default=180.0, gt=0)
+    # OpenAI-compatible `/v1/chat/completions` in front of the served chat models.
+    front_door: bool = True
+    # None: a free port, then the same one on every restart while it stays free.
+    front_door_port: int | None = Field(default=None, ge=1024, le=65535)
 
 
 class ReleaseConfig(Spec):
@@ -133,10 +137,16 @@ class Settings(Spec):
     tracking_uri: str
     hf_token: SecretStr | None = None
     hf_endpoint: str | None = None
+    # Where the embedded tiny Phi-3 is built; shareable between homes (it is deterministic).
+    embedded_cache: Path | None = None
 
     @property
     def cache_dir(self) -> Path:
         return self.home / "cache"
+
+    @property
+    def embedded_cache_dir(self) -> Path:
+        return self.embedded_cache or self.cache_dir / "embedded"
 
     @property
     def servers_dir(self) -> Path:
@@ -153,6 +163,9 @@ class Settings(Spec):
             tracking_uri=tracking_uri,
             hf_token=SecretStr(token) if token else None,
             hf_endpoint=env.get("HF_ENDPOINT") or None,
+            embedded_cache=Path(env["SLMOPS_EMBEDDED_CACHE"])
+            if env.get("SLMOPS_EMBEDDED_CACHE")
+            else None,
         )
 
 

@@ -25,6 +25,7 @@ import pytest  # noqa: E402
 # The tiny model takes ~20 s to build; it is deterministic, so one build per machine serves all
 # test sessions (CI's fresh clone builds it once).
 EMBEDDED_CACHE = Path(os.environ.get("SLMOPS_TEST_CACHE", Path.home() / ".cache" / "slmops-tests"))
+os.environ["SLMOPS_EMBEDDED_CACHE"] = str(EMBEDDED_CACHE)  # flows under test build it there too
 
 
 @pytest.fixture(scope="session")
