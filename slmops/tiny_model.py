@@ -17,6 +17,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 # Bump when anything below changes the built bytes: it is part of the build's cache key.
 BUILDER_VERSION = "3"
@@ -70,7 +71,7 @@ _EXTRA_CORPUS = (
 )
 
 _BASE_VOCAB_SIZE = 640  # incl. <unk>, <s>, </s> and 256 byte-fallback tokens
-_MODEL_CONFIG = dict(
+_MODEL_CONFIG: dict[str, Any] = dict(
     hidden_size=128,
     intermediate_size=256,
     num_hidden_layers=2,
@@ -179,9 +180,10 @@ def _train_model(out_dir: Path) -> None:
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    eos_ids = [
-        tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")
-    ]
+    # A list in gives a list out: the three ids generation stops at, as in Phi-3.
+    eos_ids = cast(
+        list[int], tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|assistant|>", "<|end|>"])
+    )
     config = Phi3Config(
         vocab_size=len(tokenizer),
         bos_token_id=1,
@@ -281,14 +283,14 @@ def greedy_answers(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir)
     answers = {}
     for question in questions:
         ids = tokenizer(chat_prompt(question), add_special_tokens=False, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-        answers[question] = tokenizer.decode(
-            out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True
+        answers[question] = str(
+            tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         )
     return answers
 
