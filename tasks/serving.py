@@ -5,27 +5,35 @@ Each served registered model has a state file `<servers_dir>/<name>.json` naming
 version is started beside the old one (blue/green ports), checked, then the state file is
 switched and the old process stopped: the old endpoint answers until the new one is proven.
 Processes run in their own session so a cancelled flow run does not take them down.
+
+The OpenAI-compatible front door (`slmops.front_door`) is managed the same way, with the state
+file `<servers_dir>/front-door.json`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 import psutil
+from mlflow import MlflowClient
 from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict
 
 from slmops.config import WrapperKind
+
+HUB_TOKEN_VARIABLES = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
 
 
 class ServerHandle(BaseModel):
@@ -72,18 +80,22 @@ def read_handle(servers_dir: Path, name: str) -> ServerHandle | None:
     return ServerHandle.model_validate_json(path.read_text())
 
 
-def _write_handle(servers_dir: Path, handle: ServerHandle) -> None:
+def _write_handle(servers_dir: Path, handle: ServerHandle | FrontDoorHandle) -> None:
     path = state_path(servers_dir, handle.name)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(handle.model_dump_json(indent=2))
     tmp.replace(path)  # atomic: readers see the old or the new server, never half a file
 
 
-def is_running(handle: ServerHandle) -> bool:
+def is_running(handle: ServerHandle | FrontDoorHandle) -> bool:
+    return _is_ours(handle.pid, handle.process_started)
+
+
+def _is_ours(pid: int, process_started: float) -> bool:
     try:
-        proc = psutil.Process(handle.pid)
+        proc = psutil.Process(pid)
         return (
-            abs(proc.create_time() - handle.process_started) < 1.0
+            abs(proc.create_time() - process_started) < 1.0
             and proc.status() != psutil.STATUS_ZOMBIE
         )
     except psutil.NoSuchProcess:
@@ -117,11 +129,15 @@ def choose_port(host: str, base_port: int | None, slot: int, current: ServerHand
     )
 
 
-def healthy(url: str, timeout: float = 2.0) -> bool:
+def _answers(url: str, timeout: float = 2.0) -> bool:
     try:
-        return httpx.get(f"{url}/ping", timeout=timeout).status_code == 200
+        return httpx.get(url, timeout=timeout).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    return _answers(f"{url}/ping", timeout)
 
 
 def _log_tail(path: Path, lines: int = 20) -> str:
@@ -145,7 +161,8 @@ def launch_server(
     servers_dir.mkdir(parents=True, exist_ok=True)
     log_path = servers_dir / f"{name}-{port}.log"
     env = {
-        **os.environ,
+        # A served model is loaded from the store, never from the hub: no hub token for it.
+        **{k: v for k, v in os.environ.items() if k not in HUB_TOKEN_VARIABLES},
         "MLFLOW_TRACKING_URI": tracking_uri,
         "MLFLOW_REGISTRY_URI": tracking_uri,
         # `mlflow models serve --env-manager local` execs uvicorn from PATH.
@@ -155,47 +172,75 @@ def launch_server(
         sys.executable, "-m", "mlflow", "models", "serve",
         "-m", model_uri, "-h", host, "-p", str(port), "--env-manager", "local",
     ]  # fmt: skip
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    handle = ServerHandle(
+    pid, process_started = _spawn_until_healthy(
+        cmd, env, log_path, f"http://{host}:{port}/ping", startup_timeout_s,
+        f"mlflow models serve for {model_uri}",
+    )  # fmt: skip
+    return ServerHandle(
         name=name,
         kind=kind,
         model_uri=model_uri,
         host=host,
         port=port,
-        pid=proc.pid,
-        process_started=psutil.Process(proc.pid).create_time(),
+        pid=pid,
+        process_started=process_started,
         log_path=log_path,
         started_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
+
+
+def _spawn_until_healthy(
+    cmd: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    health_url: str,
+    startup_timeout_s: float,
+    what: str,
+) -> tuple[int, float]:
+    """Start `cmd` in its own session and wait until `health_url` answers 200.
+
+    Returns the pid and the process start time; a process that exits or never gets healthy is
+    an error (and is killed).
+    """
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    process_started = psutil.Process(proc.pid).create_time()
     deadline = time.monotonic() + startup_timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise ServingError(
-                f"mlflow models serve for {model_uri} exited with {proc.returncode}:\n{_log_tail(log_path)}"
-            )
-        if healthy(handle.url):
-            return handle
+            raise ServingError(f"{what} exited with {proc.returncode}:\n{_log_tail(log_path)}")
+        if _answers(health_url):
+            return proc.pid, process_started
         time.sleep(0.5)
-    terminate(handle)
+    _stop_process_group(proc.pid, process_started)
     raise ServingError(
-        f"{model_uri} not healthy on {handle.url} after {startup_timeout_s:.0f}s:\n{_log_tail(log_path)}"
+        f"{what} not healthy on {health_url} after {startup_timeout_s:.0f}s:\n{_log_tail(log_path)}"
     )
 
 
-def terminate(handle: ServerHandle, grace_s: float = 10.0) -> None:
+def terminate(handle: ServerHandle | FrontDoorHandle, grace_s: float = 10.0) -> None:
     """Stop the server's whole process group (uvicorn workers included)."""
-    if not is_running(handle):
+    _stop_process_group(handle.pid, handle.process_started, grace_s)
+
+
+def _stop_process_group(pid: int, process_started: float, grace_s: float = 10.0) -> None:
+    if not _is_ours(pid, process_started):
         return
     try:
-        os.killpg(handle.pid, signal.SIGTERM)
-        psutil.Process(handle.pid).wait(timeout=grace_s)
-    except psutil.TimeoutExpired:
-        os.killpg(handle.pid, signal.SIGKILL)
+        leader = psutil.Process(pid)
+        # Wait for the children too: `mlflow models serve` execs uvicorn as a child, which keeps
+        # accepting connections until it has handled the signal.
+        members = [leader, *leader.children(recursive=True)]
+        os.killpg(pid, signal.SIGTERM)
     except (ProcessLookupError, psutil.NoSuchProcess):
-        pass
+        return
+    _, alive = psutil.wait_procs(members, timeout=grace_s)
+    if alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        psutil.wait_procs(alive, timeout=grace_s)
 
 
 def sample_request(kind: WrapperKind, question: str, max_tokens: int) -> dict[str, Any]:
@@ -266,6 +311,27 @@ def status_of(servers_dir: Path, name: str) -> ServerStatus:
     return ServerStatus(name=name, state="serving", handle=handle)
 
 
+@contextlib.contextmanager
+def serving_lock(servers_dir: Path, name: str) -> Iterator[None]:
+    """Serialise starting and switching the server of `name` across processes on this host."""
+    servers_dir.mkdir(parents=True, exist_ok=True)
+    with open(servers_dir / f"{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def resolve_alias(model_uri: str, tracking_uri: str) -> str:
+    """`models:/name/<version>` for `models:/name@alias`; any other URI as it is."""
+    if not model_uri.startswith("models:/") or "@" not in model_uri:
+        return model_uri
+    name, alias = model_uri.removeprefix("models:/").split("@", 1)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
+
+
 class ServeResult(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -290,23 +356,29 @@ def serve_model(
 ) -> ServeResult:
     """Serve `model_uri` as `name`: reuse a healthy server of the same URI, else start, check, switch."""
     logger = get_run_logger()
-    current = status_of(servers_dir, name)
-    if current.state == "serving" and current.handle and current.handle.model_uri == model_uri:
-        answer = check_server(current.handle, smoke_question)
-        logger.info("%s already serves %s on %s", name, model_uri, current.handle.url)
-        return ServeResult(handle=current.handle, answer=answer, reused=True)
-    port = choose_port(host, base_port, slot, current.handle)
-    handle = launch_server(
-        model_uri, name, kind, host, port, servers_dir, tracking_uri, startup_timeout_s
-    )
-    try:
-        answer = check_server(handle, smoke_question)
-    except Exception:
-        terminate(handle)  # the old server, if any, keeps serving
-        raise
-    _write_handle(servers_dir, handle)
-    if current.handle is not None:
-        terminate(current.handle)
+    # Two runs serving `name` at once would both replace the same old server and one new server
+    # would be left running, in no state file; the second run waits and then replaces the first.
+    with serving_lock(servers_dir, name):
+        # An alias (`models:/name@champion`) is resolved only now, so the run that serves last
+        # serves the alias's version as of then, whichever run moved the alias last.
+        model_uri = resolve_alias(model_uri, tracking_uri)
+        current = status_of(servers_dir, name)
+        if current.state == "serving" and current.handle and current.handle.model_uri == model_uri:
+            answer = check_server(current.handle, smoke_question)
+            logger.info("%s already serves %s on %s", name, model_uri, current.handle.url)
+            return ServeResult(handle=current.handle, answer=answer, reused=True)
+        port = choose_port(host, base_port, slot, current.handle)
+        handle = launch_server(
+            model_uri, name, kind, host, port, servers_dir, tracking_uri, startup_timeout_s
+        )
+        try:
+            answer = check_server(handle, smoke_question)
+        except Exception:
+            terminate(handle)  # the old server, if any, keeps serving
+            raise
+        _write_handle(servers_dir, handle)
+        if current.handle is not None:
+            terminate(current.handle)
     logger.info(
         "%s: %s serving on %s (answer to %r: %r)",
         name,
@@ -336,6 +408,139 @@ def describe(status: ServerStatus) -> dict[str, Any]:
         "state": status.state,
         "url": handle.url if handle else "",
         "model_uri": handle.model_uri if handle else "",
+        "pid": handle.pid if handle else None,
+        "detail": status.detail,
+    }
+
+
+# The OpenAI-compatible front door (`slmops.front_door`): one process in front of every served
+# chat model, with its own state file. It reads the models' state files per request, so it
+# outlives blue/green switches and keeps one address.
+
+FRONT_DOOR = "front-door"
+
+
+class FrontDoorHandle(BaseModel):
+    """The running front door: enough to find, call and stop it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = FRONT_DOOR
+    host: str
+    port: int
+    pid: int
+    process_started: float
+    log_path: Path
+    started_at: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"{self.url}/v1"
+
+
+class FrontDoorStatus(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str = FRONT_DOOR
+    state: Literal["serving", "unhealthy", "dead", "absent"]
+    handle: FrontDoorHandle | None = None
+    detail: str = ""
+
+
+def read_front_door(servers_dir: Path) -> FrontDoorHandle | None:
+    path = state_path(servers_dir, FRONT_DOOR)
+    if not path.exists():
+        return None
+    return FrontDoorHandle.model_validate_json(path.read_text())
+
+
+def front_door_status(servers_dir: Path) -> FrontDoorStatus:
+    handle = read_front_door(servers_dir)
+    if handle is None:
+        return FrontDoorStatus(state="absent")
+    if not is_running(handle):
+        return FrontDoorStatus(state="dead", handle=handle, detail=_log_tail(handle.log_path, 5))
+    try:
+        response = httpx.get(f"{handle.url}/health", timeout=2.0)
+        models = response.json()["models"] if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        models = None
+    if models is None:
+        return FrontDoorStatus(state="unhealthy", handle=handle)
+    detail = f"{handle.openai_base_url}: {', '.join(models) or 'no chat model served'}"
+    return FrontDoorStatus(state="serving", handle=handle, detail=detail)
+
+
+@task(retries=1, retry_delay_seconds=5, task_run_name="serve-front-door")
+def serve_front_door(
+    servers_dir: Path, host: str, port: int | None, startup_timeout_s: float
+) -> FrontDoorHandle:
+    """Run the OpenAI-compatible front door over the chat models in `servers_dir`.
+
+    A healthy front door on the same host (and port, when one is given) is reused. Otherwise it
+    is (re)started, on its previous port when `port` is None and that port is free, so clients
+    keep one address across restarts.
+    """
+    logger = get_run_logger()
+    current = front_door_status(servers_dir)
+    if (
+        current.state == "serving"
+        and current.handle is not None
+        and current.handle.host == host
+        and port in (None, current.handle.port)
+    ):
+        logger.info("front door already serving %s", current.detail)
+        return current.handle
+    if current.handle is not None:
+        terminate(current.handle)
+    if port is None:
+        previous = current.handle.port if current.handle and current.handle.host == host else None
+        port = previous if previous and _port_is_free(host, previous) else _free_port(host)
+    servers_dir.mkdir(parents=True, exist_ok=True)
+    log_path = servers_dir / f"{FRONT_DOOR}-{port}.log"
+    cmd = [
+        sys.executable, "-m", "slmops.front_door",
+        "--servers-dir", str(servers_dir.resolve()), "--host", host, "--port", str(port),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in HUB_TOKEN_VARIABLES}  # not needed
+    pid, process_started = _spawn_until_healthy(
+        cmd, env, log_path, f"http://{host}:{port}/health", startup_timeout_s, "the front door"
+    )
+    handle = FrontDoorHandle(
+        host=host,
+        port=port,
+        pid=pid,
+        process_started=process_started,
+        log_path=log_path,
+        started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    _write_handle(servers_dir, handle)
+    logger.info("front door serving %s", front_door_status(servers_dir).detail)
+    return handle
+
+
+def stop_front_door(servers_dir: Path) -> FrontDoorStatus:
+    """Stop the front door and forget it."""
+    handle = read_front_door(servers_dir)
+    if handle is None:
+        return FrontDoorStatus(state="absent")
+    terminate(handle)
+    state_path(servers_dir, FRONT_DOOR).unlink(missing_ok=True)
+    return FrontDoorStatus(state="absent", handle=handle, detail="stopped")
+
+
+def describe_front_door(status: FrontDoorStatus) -> dict[str, Any]:
+    """The front door as a row like `describe`'s."""
+    handle = status.handle
+    return {
+        "name": status.name,
+        "state": status.state,
+        "url": handle.url if handle else "",
+        "model_uri": "",
         "pid": handle.pid if handle else None,
         "detail": status.detail,
     }

@@ -1,0 +1,419 @@
+"""The OpenAI-compatible front door, called with the real `openai` client.
+
+Unit tests run the app in-process against a fake upstream (httpx MockTransport). The e2e tests
+log and register both chat wrappers of the embedded tiny Phi-3, serve them with
+`mlflow models serve`, start the front door as its own process and call it over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import mlflow
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from prefect.logging import disable_run_logger
+
+from slmops.config import GenerationSpec, OnnxExportSpec, RegistrySpec, WrapperKind
+from slmops.front_door import create_app
+from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model
+from tasks.registry import register_version
+from tasks.serving import (
+    ServerHandle,
+    _write_handle,
+    describe_front_door,
+    front_door_status,
+    serve_front_door,
+    serve_model,
+    status_of,
+    stop_front_door,
+    stop_model_server,
+    terminate,
+)
+
+SPAIN = "What is the capital of Spain?"
+REGISTRY = RegistrySpec()
+CHAT_TRANSFORMERS = REGISTRY.model_name(WrapperKind.CHAT_TRANSFORMERS)
+CHAT_ONNX = REGISTRY.model_name(WrapperKind.CHAT_ONNX)
+
+
+def completion(content: str = "The capital of Spain is Madrid.", **extra) -> dict:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "/some/local/path",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 18, "completion_tokens": 8, "total_tokens": 26},
+        **extra,
+    }
+
+
+def write_state(servers_dir: Path, name: str, kind: WrapperKind, port: int) -> None:
+    """A state file exactly as `tasks.serving` writes it."""
+    servers_dir.mkdir(parents=True, exist_ok=True)
+    handle = ServerHandle(
+        name=name, kind=kind, model_uri=f"models:/{name}/1", host="127.0.0.1", port=port,
+        pid=1, process_started=0.0, log_path=servers_dir / f"{name}.log",
+        started_at="2026-01-01T00:00:00+00:00",
+    )  # fmt: skip
+    _write_handle(servers_dir, handle)
+
+
+class FakeUpstream:
+    """Model servers by port: each answers with what `reply(request)` returns."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[int, dict]] = []
+        self.replies: dict[int, object] = {}
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        port = request.url.port
+        self.requests.append((port, json.loads(request.content)))
+        reply = self.replies.get(port)
+        if callable(reply):
+            reply = reply(request)
+        if reply is None:
+            raise httpx.ConnectError("connection refused", request=request)
+        return reply
+
+
+@pytest.fixture()
+def fake(tmp_path) -> SimpleNamespace:
+    servers = tmp_path / "servers"
+    write_state(servers, CHAT_TRANSFORMERS, WrapperKind.CHAT_TRANSFORMERS, 5001)
+    write_state(servers, CHAT_ONNX, WrapperKind.CHAT_ONNX, 5002)
+    write_state(servers, "phi3-mini-prompt-onnx", WrapperKind.PROMPT_ONNX, 5003)
+    (servers / "front-door.json").write_text(json.dumps({"name": "front-door", "port": 1}))
+    upstream = FakeUpstream()
+    # The transformers flavor answers a bare list, a pyfunc `{"predictions": [...]}`.
+    upstream.replies[5001] = httpx.Response(200, json=[completion()])
+    upstream.replies[5002] = httpx.Response(200, json={"predictions": [completion()]})
+    http = TestClient(create_app(servers, transport=httpx.MockTransport(upstream.handler)))
+    client = openai.OpenAI(
+        base_url="http://front-door/v1", api_key="unused", http_client=http, max_retries=0
+    )
+    return SimpleNamespace(servers=servers, upstream=upstream, http=http, client=client)
+
+
+# --- unit: the app against a fake upstream ---------------------------------------------------
+
+
+@pytest.mark.unit
+def test_forwards_only_the_given_fields_and_unwraps_the_completion(fake):
+    answer = fake.client.chat.completions.create(
+        model=CHAT_ONNX,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": SPAIN}]},
+        ],
+        max_tokens=16,
+        temperature=0,
+        stop=["\n"],
+        n=1,
+        user="someone",
+    )
+    assert answer.model == CHAT_ONNX and answer.choices[0].message.content.endswith("Madrid.")
+    assert answer.usage.total_tokens == 26 and answer.choices[0].finish_reason == "stop"
+    port, body = fake.upstream.requests[-1]
+    assert port == 5002
+    assert body == {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": SPAIN},
+        ],
+        "max_tokens": 16,
+        "temperature": 0.0,
+        "stop": ["\n"],
+    }  # n=1 is the default, and the transformers pipeline refuses an explicit n
+
+    fake.client.chat.completions.create(
+        model=CHAT_TRANSFORMERS,
+        messages=[{"role": "user", "content": SPAIN}],
+        max_completion_tokens=5,
+        n=2,
+    )
+    assert fake.upstream.requests[-1] == (
+        5001,
+        {"messages": [{"role": "user", "content": SPAIN}], "max_tokens": 5, "n": 2},
+    )
+
+
+@pytest.mark.unit
+def test_lists_the_chat_models_and_accepts_the_kind_as_an_alias(fake):
+    models = fake.client.models.list()
+    assert [m.id for m in models.data] == [CHAT_ONNX, CHAT_TRANSFORMERS]  # no prompt model
+    assert fake.client.models.retrieve("chat-onnx").id == "chat-onnx"
+    answer = fake.client.chat.completions.create(
+        model="chat-transformers", messages=[{"role": "user", "content": SPAIN}]
+    )
+    assert answer.model == "chat-transformers" and fake.upstream.requests[-1][0] == 5001
+    assert fake.http.get("/health").json() == {
+        "status": "ok",
+        "models": [CHAT_ONNX, CHAT_TRANSFORMERS],
+    }
+
+
+@pytest.mark.unit
+def test_refuses_what_it_cannot_do_honestly(fake):
+    chat = fake.client.chat.completions
+    messages = [{"role": "user", "content": SPAIN}]
+    with pytest.raises(openai.NotFoundError, match="not served here.*chat-onnx"):
+        chat.create(model="gpt-4o", messages=messages)
+    with pytest.raises(openai.NotFoundError):
+        chat.create(model="phi3-mini-prompt-onnx", messages=messages)
+    with pytest.raises(openai.BadRequestError, match="streaming is not supported") as err:
+        chat.create(model=CHAT_ONNX, messages=messages, stream=True)
+    assert err.value.code == "stream_not_supported"
+    with pytest.raises(openai.BadRequestError, match="unsupported parameter.*top_p"):
+        chat.create(model=CHAT_ONNX, messages=messages, top_p=0.5)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        chat.create(model=CHAT_ONNX, messages=[])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        chat.create(model=CHAT_ONNX, messages=messages, temperature=3)
+    assert fake.upstream.requests == []  # none of these reached a model
+    bad_json = fake.http.post("/v1/chat/completions", content=b"{nope")
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["type"] == (
+        "invalid_request_error"
+    )
+
+
+@pytest.mark.unit
+def test_upstream_errors_keep_their_class(fake):
+    messages = [{"role": "user", "content": SPAIN}]
+    fake.upstream.replies[5001] = httpx.Response(
+        400, json={"error_code": "INVALID_PARAMETER_VALUE", "message": "no n for pipelines"}
+    )
+    with pytest.raises(openai.BadRequestError, match="no n for pipelines") as err:
+        fake.client.chat.completions.create(model=CHAT_TRANSFORMERS, messages=messages, n=2)
+    assert err.value.code == "INVALID_PARAMETER_VALUE"
+    fake.upstream.replies[5001] = httpx.Response(500, json={"message": "boom"})
+    with pytest.raises(openai.InternalServerError, match="boom") as err:
+        fake.client.chat.completions.create(model=CHAT_TRANSFORMERS, messages=messages)
+    assert err.value.status_code == 502
+    fake.upstream.replies[5001] = httpx.Response(200, json={"predictions": ["just text"]})
+    with pytest.raises(openai.InternalServerError, match="did not answer a chat completion"):
+        fake.client.chat.completions.create(model=CHAT_TRANSFORMERS, messages=messages)
+    fake.upstream.replies[5001] = None  # nothing listens
+    with pytest.raises(openai.InternalServerError, match="not reachable") as err:
+        fake.client.chat.completions.create(model=CHAT_TRANSFORMERS, messages=messages)
+    assert err.value.status_code == 503
+
+
+@pytest.mark.unit
+def test_a_request_caught_by_a_switch_goes_to_the_new_server(fake):
+    def switch_then_refuse(request):
+        # The release flow writes the new state file, then stops the old server.
+        write_state(fake.servers, CHAT_ONNX, WrapperKind.CHAT_ONNX, 5004)
+        return None
+
+    fake.upstream.replies[5002] = switch_then_refuse
+    fake.upstream.replies[5004] = httpx.Response(200, json=[completion("new server")])
+    answer = fake.client.chat.completions.create(
+        model=CHAT_ONNX, messages=[{"role": "user", "content": SPAIN}]
+    )
+    assert answer.choices[0].message.content == "new server"
+    assert [port for port, _ in fake.upstream.requests] == [5002, 5004]
+
+
+# --- e2e: real model servers, a real front door process ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir, tiny_onnx_int4_dir):
+    """Both chat wrappers registered, served, and the front door in front of them."""
+    root = tmp_path_factory.mktemp("front-door")
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    servers = root / "servers"
+    generation = GenerationSpec(max_new_tokens=32)
+    source = {"repo": "microsoft/Phi-3-mini-4k-instruct", "commit": "0123abcd"}
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(store)  # the registry resolves `models:/m-...` sources through it
+
+    def log_onnx():
+        return log_onnx_chat_model.fn(
+            store, "release", tiny_onnx_int4_dir, generation, OnnxExportSpec(), source
+        )
+
+    def serve(name, kind, slot, uri):
+        with disable_run_logger():
+            return serve_model.fn(
+                uri, name, kind, "127.0.0.1", None, slot, servers, store, 120.0, SPAIN
+            )
+
+    with disable_run_logger():
+        refs = {
+            CHAT_TRANSFORMERS: log_chat_pipeline.fn(
+                store, "release", tiny_model_dir, generation, source
+            ),
+            CHAT_ONNX: log_onnx(),
+        }
+        versions = {
+            name: register_version.fn(store, ref.model_uri, name, {}) for name, ref in refs.items()
+        }
+    # Two servers start faster side by side than one after the other, even on 2 cores.
+    with ThreadPoolExecutor(2) as pool:
+        results = list(
+            pool.map(
+                serve,
+                [CHAT_TRANSFORMERS, CHAT_ONNX],
+                [WrapperKind.CHAT_TRANSFORMERS, WrapperKind.CHAT_ONNX],
+                [0, 1],
+                [versions[CHAT_TRANSFORMERS].uri, versions[CHAT_ONNX].uri],
+            )
+        )
+    with disable_run_logger():
+        door = serve_front_door.fn(servers, "127.0.0.1", None, 60.0)
+    try:
+        yield SimpleNamespace(
+            store=store,
+            servers=servers,
+            handles={r.handle.name: r.handle for r in results},
+            door=door,
+            client=openai.OpenAI(base_url=f"{door.url}/v1", api_key="unused", max_retries=0),
+            log_onnx=log_onnx,
+            serve=serve,
+        )
+    finally:
+        stop_front_door(servers)
+        for name in (CHAT_TRANSFORMERS, CHAT_ONNX):
+            stop_model_server(servers, name)
+        mlflow.set_tracking_uri(previous_uri)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("model", [CHAT_TRANSFORMERS, CHAT_ONNX])
+def test_openai_client_gets_a_chat_completion(served, model):
+    answer = served.client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": SPAIN}], max_tokens=16, temperature=0
+    )
+    assert answer.model == model and answer.object == "chat.completion" and answer.id
+    (choice,) = answer.choices
+    assert "Madrid" in choice.message.content and choice.message.role == "assistant"
+    assert choice.finish_reason == "stop"
+    usage = answer.usage
+    assert usage.prompt_tokens > 0 and 0 < usage.completion_tokens <= 16
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+    short = served.client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": SPAIN}], max_tokens=3
+    )
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    assert short.usage.prompt_tokens == usage.prompt_tokens
+
+    stopped = served.client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": SPAIN}], max_tokens=16, stop=["Spain"]
+    )
+    # (The transformers flavor keeps the stop sequence in the text, the ONNX model drops it.)
+    assert stopped.choices[0].message.content.startswith("The capital of")
+    assert "Madrid" not in stopped.choices[0].message.content
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens < usage.completion_tokens
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("model", [CHAT_TRANSFORMERS, CHAT_ONNX])
+def test_the_whole_conversation_reaches_the_model(served, model):
+    """What MLflow's gateway cannot do: a system prompt and history go through the template."""
+    question = [{"role": "user", "content": SPAIN}]
+    conversation = [
+        {"role": "system", "content": "You answer geography questions."},
+        {"role": "user", "content": SPAIN},
+        {"role": "assistant", "content": "The capital of Spain is Madrid."},
+        {"role": "user", "content": SPAIN},
+    ]
+    one = served.client.chat.completions.create(model=model, messages=question, max_tokens=8)
+    many = served.client.chat.completions.create(model=model, messages=conversation, max_tokens=8)
+    assert many.usage.prompt_tokens > 2 * one.usage.prompt_tokens
+    assert many.choices[0].finish_reason in {"stop", "length"}
+
+
+@pytest.mark.e2e
+def test_models_aliases_and_errors(served):
+    assert sorted(m.id for m in served.client.models.list()) == [CHAT_ONNX, CHAT_TRANSFORMERS]
+    alias = served.client.chat.completions.create(
+        model="chat-onnx", messages=[{"role": "user", "content": SPAIN}], max_tokens=16
+    )
+    assert alias.model == "chat-onnx" and "Madrid" in alias.choices[0].message.content
+
+    messages = [{"role": "user", "content": SPAIN}]
+    with pytest.raises(openai.NotFoundError):
+        served.client.chat.completions.create(model="gpt-4o", messages=messages)
+    with pytest.raises(openai.BadRequestError, match="streaming"):
+        served.client.chat.completions.create(model=CHAT_ONNX, messages=messages, stream=True)
+    # The model server's own 400 comes through as a 400: the pipeline takes no `n`.
+    with pytest.raises(openai.BadRequestError, match="not valid for pipeline"):
+        served.client.chat.completions.create(model=CHAT_TRANSFORMERS, messages=messages, n=2)
+    two = served.client.chat.completions.create(
+        model=CHAT_ONNX, messages=messages, n=2, max_tokens=4
+    )
+    assert [c.index for c in two.choices] == [0, 1]
+
+
+@pytest.mark.e2e
+def test_the_front_door_is_reused_and_reported(served):
+    with disable_run_logger():
+        again = serve_front_door.fn(served.servers, "127.0.0.1", None, 60.0)
+    assert again == served.door
+    status = front_door_status(served.servers)
+    assert status.state == "serving"
+    assert status.detail == f"{served.door.url}/v1: {CHAT_ONNX}, {CHAT_TRANSFORMERS}"
+    row = describe_front_door(status)
+    assert row["url"] == served.door.url and row["pid"] == served.door.pid
+
+
+@pytest.mark.e2e
+def test_a_blue_green_switch_keeps_the_front_door_address(served):
+    old = served.handles[CHAT_ONNX]
+    answers, errors = [], []
+    done = threading.Event()
+
+    def keep_asking():
+        while not done.is_set():
+            try:
+                answer = served.client.chat.completions.create(
+                    model=CHAT_ONNX, messages=[{"role": "user", "content": SPAIN}], max_tokens=16
+                )
+                answers.append(answer.choices[0].message.content)
+            except openai.OpenAIError as exc:
+                errors.append(exc)
+
+    asker = threading.Thread(target=keep_asking)
+    asker.start()
+    try:
+        with disable_run_logger():
+            v2 = register_version.fn(served.store, served.log_onnx().model_uri, CHAT_ONNX, {})
+        switched = served.serve(CHAT_ONNX, WrapperKind.CHAT_ONNX, 1, v2.uri)
+    finally:
+        done.set()
+        asker.join()
+    assert switched.replaced == old and switched.handle.port != old.port
+    assert status_of(served.servers, CHAT_ONNX).handle.model_uri == v2.uri
+    assert errors == [] and answers and all("Madrid" in a for a in answers)
+    after = served.client.chat.completions.create(
+        model=CHAT_ONNX, messages=[{"role": "user", "content": SPAIN}], max_tokens=16
+    )
+    assert "Madrid" in after.choices[0].message.content
+    assert front_door_status(served.servers).handle == served.door  # same process, same port
+
+
+@pytest.mark.e2e
+def test_a_dead_model_server_is_a_503(served):
+    terminate(served.handles[CHAT_TRANSFORMERS])  # the state file stays: served, but down
+    with pytest.raises(openai.InternalServerError, match="not reachable") as err:
+        served.client.chat.completions.create(
+            model=CHAT_TRANSFORMERS, messages=[{"role": "user", "content": SPAIN}]
+        )
+    assert err.value.status_code == 503
