@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import mlflow
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from slmops.config import HubSpec, OnnxExportSpec, ReleaseConfig, Settings, WrapperKind
-from slmops.reports import ValidationReport
+from slmops.reports import ReleaseReport, WrapperOutcome, release_markdown, validation_row
 from slmops.tiny_model import TRAINED_ANSWERS
 from tasks.hub import fetch_model_snapshot, fetch_onnx_release
 from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
@@ -23,36 +23,6 @@ from tasks.validation import compare_runtimes, validate_model
 
 SMOKE_QUESTION = next(iter(TRAINED_ANSWERS))
 EXPERIMENT = "slmops-release"
-
-
-class WrapperOutcome(BaseModel):
-    """What the release did with one wrapper."""
-
-    model_config = ConfigDict(frozen=True)
-
-    kind: WrapperKind
-    registered_model: str
-    model_uri: str
-    version: int
-    validation_passed: bool
-    validation_summary: str
-    promoted: bool
-    production_version: int | None
-    endpoint: str | None = None
-    sample_answer: str | None = None
-
-
-class ReleaseReport(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    repo_id: str
-    commit: str
-    tracking_uri: str
-    outcomes: tuple[WrapperOutcome, ...]
-
-    @property
-    def failed(self) -> list[WrapperOutcome]:
-        return [o for o in self.outcomes if not o.validation_passed]
 
 
 class ReleaseValidationError(RuntimeError):
@@ -75,6 +45,8 @@ def _release_run_name() -> str:
     from prefect.runtime import flow_run
 
     config = flow_run.parameters.get("config") or {}
+    if isinstance(config, BaseModel):  # called from Python with a ReleaseConfig
+        config = config.model_dump()
     hub = config.get("hub", {}) if isinstance(config, dict) else {}
     repo = str(hub.get("repo_id", "microsoft/Phi-3-mini-4k-instruct")).split("/")[-1]
     return f"release-{repo}@{hub.get('revision', 'main')}".lower()
@@ -235,40 +207,6 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
             + "\n".join(o.validation_summary for o in result.failed)
         )
     return result
-
-
-def validation_row(name: str, report: ValidationReport) -> dict[str, object]:
-    outputs = report.outputs
-    return {
-        "model": name,
-        "model_uri": report.model.model_uri,
-        "passed": report.passed,
-        "signature": "ok" if report.signature.passed else "; ".join(report.signature.differences),
-        "serving_example": "ok" if report.serving_example.passed else report.serving_example.error,
-        "expectations": f"{outputs.expectations_passed}/{outputs.expectations_evaluated}",
-        "samples": outputs.samples,
-        "mean_latency_s": round(outputs.mean_latency_s, 4),
-        "tokens_per_s": round(outputs.tokens_per_s, 1) if outputs.tokens_per_s else None,
-        "runtime_parity": round(report.parity.agreement, 4) if report.parity else None,
-        "failures": "; ".join(report.failures())[:500],
-    }
-
-
-def release_markdown(report: ReleaseReport) -> str:
-    lines = [
-        f"# Release of `{report.repo_id}` @ `{report.commit[:12]}`",
-        "",
-        "| model | version | validation | promoted | Production | endpoint | sample answer |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for o in report.outcomes:
-        lines.append(
-            f"| {o.registered_model} | {o.version} | {'passed' if o.validation_passed else 'FAILED'} | "
-            f"{'yes' if o.promoted else 'no'} | {o.production_version or '-'} | {o.endpoint or '-'} | "
-            f"{(o.sample_answer or '-')[:80]} |"
-        )
-    lines += ["", f"Tracking store: `{report.tracking_uri}`"]
-    return "\n".join(lines)
 
 
 def load_config(argument: str | None) -> ReleaseConfig:

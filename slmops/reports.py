@@ -107,3 +107,67 @@ class ValidationReport(_Report):
                 f"parity: agreement {self.parity.agreement:.3f} < {self.parity.min_agreement}"
             ]
         return lines
+
+
+class WrapperOutcome(BaseModel):
+    """What the release did with one wrapper."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: WrapperKind
+    registered_model: str
+    model_uri: str
+    version: int
+    validation_passed: bool
+    validation_summary: str
+    promoted: bool
+    production_version: int | None
+    endpoint: str | None = None
+    sample_answer: str | None = None
+
+
+class ReleaseReport(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    repo_id: str
+    commit: str
+    tracking_uri: str
+    outcomes: tuple[WrapperOutcome, ...]
+
+    @property
+    def failed(self) -> list[WrapperOutcome]:
+        return [o for o in self.outcomes if not o.validation_passed]
+
+
+def validation_row(name: str, report: ValidationReport) -> dict[str, object]:
+    outputs = report.outputs
+    return {
+        "model": name,
+        "model_uri": report.model.model_uri,
+        "passed": report.passed,
+        "signature": "ok" if report.signature.passed else "; ".join(report.signature.differences),
+        "serving_example": "ok" if report.serving_example.passed else report.serving_example.error,
+        "expectations": f"{outputs.expectations_passed}/{outputs.expectations_evaluated}",
+        "samples": outputs.samples,
+        "mean_latency_s": round(outputs.mean_latency_s, 4),
+        "tokens_per_s": round(outputs.tokens_per_s, 1) if outputs.tokens_per_s else None,
+        "runtime_parity": round(report.parity.agreement, 4) if report.parity else None,
+        "failures": "; ".join(report.failures())[:500],
+    }
+
+
+def release_markdown(report: ReleaseReport) -> str:
+    lines = [
+        f"# Release of `{report.repo_id}` @ `{report.commit[:12]}`",
+        "",
+        "| model | version | validation | promoted | Production | endpoint | sample answer |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for o in report.outcomes:
+        lines.append(
+            f"| {o.registered_model} | {o.version} | {'passed' if o.validation_passed else 'FAILED'} | "
+            f"{'yes' if o.promoted else 'no'} | {o.production_version or '-'} | {o.endpoint or '-'} | "
+            f"{(o.sample_answer or '-')[:80]} |"
+        )
+    lines += ["", f"Tracking store: `{report.tracking_uri}`"]
+    return "\n".join(lines)
