@@ -107,7 +107,8 @@ class ServeSpec(Spec):
 
     enabled: bool = True
     host: str = "127.0.0.1"
-    kinds: tuple[WrapperKind, ...] = (WrapperKind.CHAT_TRANSFORMERS, WrapperKind.PROMPT_ONNX)
+    # All three, so both runtimes answer OpenAI chat requests behind the front door.
+    kinds: tuple[WrapperKind, ...] = tuple(WrapperKind)
     base_port: int | None = Field(default=None, ge=1024, le=65535)  # None: pick free ports
     startup_timeout_s: float = Field(default=180.0, gt=0)
     # OpenAI-compatible `/v1/chat/completions` in front of the served chat models.

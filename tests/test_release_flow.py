@@ -7,6 +7,7 @@ that passes, and a rollback.
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
@@ -17,11 +18,11 @@ from flows.rollback import rollback
 from flows.serve import serve
 from slmops.config import GenerationSpec, RollbackConfig, ServeFlowConfig, Settings, WrapperKind
 from tasks.registry import read_state
-from tasks.serving import ask, status_of
+from tasks.serving import ask, front_door_status, status_of
 
 pytestmark = pytest.mark.e2e
 KINDS = (WrapperKind.CHAT_TRANSFORMERS, WrapperKind.PROMPT_ONNX, WrapperKind.CHAT_ONNX)
-SERVED = (WrapperKind.CHAT_TRANSFORMERS, WrapperKind.PROMPT_ONNX)
+SERVED = KINDS
 CONFIG = ReleaseConfig()
 
 
@@ -72,6 +73,16 @@ def test_first_release_registers_promotes_and_serves_every_wrapper(settings):
         assert status.state == "serving" and status.handle.host == "127.0.0.1"
         assert status.handle.model_uri == f"models:/{names()[kind]}/1"
         assert "Madrid" in ask(status.handle, "What is the capital of Spain?")
+
+    # Both runtimes behind one OpenAI-compatible address.
+    door = front_door_status(settings.servers_dir).handle
+    for kind in (WrapperKind.CHAT_TRANSFORMERS, WrapperKind.CHAT_ONNX):
+        body = {
+            "model": kind.value,
+            "messages": [{"role": "user", "content": "What is the capital of Spain?"}],
+        }
+        completion = httpx.post(f"{door.url}/v1/chat/completions", json=body, timeout=60).json()
+        assert "Madrid" in completion["choices"][0]["message"]["content"]
 
     # What users see: the run's artifacts, through the Prefect API.
     with get_client(sync_client=True) as client:
