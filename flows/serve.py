@@ -17,6 +17,7 @@ from tasks.serving import (
     front_door_status,
     serve_front_door,
     serve_model,
+    served_names,
     status_of,
     stop_front_door,
     stop_model_server,
@@ -58,6 +59,15 @@ def serve(config: ServeFlowConfig = ServeFlowConfig()) -> list[dict]:
             status = status_of(settings.servers_dir, name)
         rows.append(describe(status))
         logger.info("%s: %s %s", name, status.state, rows[-1]["url"])
+    # Servers of kinds this run was not asked about (started with another `serve.kinds`) are
+    # still stopped and reported: `stop` means every server.
+    for name in set(served_names(settings.servers_dir)) - {r["name"] for r in rows}:
+        status = (
+            stop_model_server(settings.servers_dir, name)
+            if config.action == "stop"
+            else status_of(settings.servers_dir, name)
+        )
+        rows.append(describe(status))
     if config.action == "stop":
         door = stop_front_door(settings.servers_dir)
     elif config.action == "start" and config.serve.front_door:

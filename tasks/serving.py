@@ -390,6 +390,13 @@ def serve_model(
     return ServeResult(handle=handle, answer=answer, replaced=current.handle)
 
 
+def served_names(servers_dir: Path) -> list[str]:
+    """Names of every model server with a state file (whatever kinds a flow was asked about)."""
+    if not servers_dir.exists():
+        return []
+    return sorted(p.stem for p in servers_dir.glob("*.json") if p.stem != FRONT_DOOR)
+
+
 def stop_model_server(servers_dir: Path, name: str) -> ServerStatus:
     """Stop the server of `name` and forget it."""
     handle = read_handle(servers_dir, name)

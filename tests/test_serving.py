@@ -82,3 +82,22 @@ def test_a_model_that_cannot_serve_leaves_the_old_server(tracking_uri, tmp_path)
     assert status_of(servers, "echo").handle == first.handle
     assert status_of(servers, "echo").state == "serving"
     stop_model_server(servers, "echo")
+
+
+def test_stop_flow_stops_servers_of_kinds_it_was_not_asked_about(
+    tmp_path, monkeypatch, prefect_harness
+):
+    from flows.serve import serve as serve_flow
+    from slmops.config import ServeFlowConfig, ServeSpec
+    from tasks.serving import ServerHandle, served_names, state_path
+
+    monkeypatch.setenv("SLMOPS_HOME", str(tmp_path))
+    servers = tmp_path / "servers"
+    servers.mkdir()
+    stale = ServerHandle(
+        name="custom-model", kind=WrapperKind.CHAT_ONNX, model_uri="models:/custom-model/1", host="127.0.0.1",
+        port=1, pid=2**22 + 1, process_started=0.0, log_path=servers / "x.log", started_at="then",
+    )  # fmt: skip
+    state_path(servers, "custom-model").write_text(stale.model_dump_json())
+    rows = serve_flow(ServeFlowConfig(action="stop", serve=ServeSpec(kinds=(), front_door=False)))
+    assert [r["name"] for r in rows] == ["custom-model"] and served_names(servers) == []
