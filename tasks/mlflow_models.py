@@ -278,7 +278,10 @@ def log_chat_pipeline(
             name=kind.value,
             task="llm/v1/chat",
             model_config=model_config,
-            input_example=input_example(kind),
+            # No input_example: MLflow would reload the saved weights (a second copy in memory)
+            # and generate to check it, measured at 2.3x the weights' size in peak RSS and most
+            # of the logging time (benchmarks/logging_cost.py). The llm/v1/chat task defines
+            # the signature, and validate_serving_example replays the example after logging.
             save_pretrained=True,
             pip_requirements=_pinned("transformers", "torch", "accelerate"),
             tags={KIND_TAG: kind.value, **_source_tags(source)},

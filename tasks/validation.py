@@ -275,7 +275,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return min(len(a), len(b))
 
 
-@task
+# The comparison is a fact about the snapshot's and the export's content (both paths are
+# content-addressed), so an unchanged re-run reuses it instead of loading both runtimes again.
+@task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
 def compare_runtimes(
     snapshot_dir: Path,
     onnx_fp32_dir: Path,
