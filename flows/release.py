@@ -6,7 +6,6 @@ import contextlib
 import json
 from collections.abc import Iterator
 
-import mlflow
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
@@ -70,7 +69,6 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
     logger = get_run_logger()
     settings = Settings.from_env()
     settings.home.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(settings.tracking_uri)
 
     with hub_endpoint(config.hub, settings) as endpoint:
         snapshot = fetch_model_snapshot(config.hub, settings, endpoint)
@@ -120,7 +118,9 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
             "slmops.validation.passed": str(report.passed).lower(),
             "slmops.validation.summary": report.summary()[:4000],
         }
-        version = register_version(settings.tracking_uri, ref.model_uri, name, tags)
+        version = register_version(
+            settings.tracking_uri, ref.model_uri, name, tags, settings.home / "locks"
+        )
         promoted = False
         if report.passed and config.promote:
             reason = f"release of {snapshot.repo_id}@{snapshot.commit[:12]}: validation passed"
@@ -157,8 +157,10 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
                     "%s has no Production version: nothing to serve", outcome.registered_model
                 )
                 continue
+            # By alias, resolved under the serving lock: with two releases at once, whichever
+            # serves last serves the final champion, not the version it promoted itself.
             served = serve_model(
-                f"models:/{outcome.registered_model}/{outcome.production_version}",
+                f"models:/{outcome.registered_model}@champion",
                 outcome.registered_model, kind, config.serve.host, config.serve.base_port, slot,
                 settings.servers_dir, settings.tracking_uri, config.serve.startup_timeout_s,
                 SMOKE_QUESTION,
@@ -169,7 +171,7 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
             publish_link(
                 f"{outcome.registered_model}-endpoint",
                 f"{served.handle.url}/invocations",
-                f"{outcome.registered_model} v{outcome.production_version}",
+                served.handle.model_uri,
                 "Served Production model",
             )
         # The OpenAI-compatible front door over the served chat models (issue 5): started

@@ -50,7 +50,7 @@ def serve(config: ServeFlowConfig = ServeFlowConfig()) -> list[dict]:
                     f"{name} has no champion version to serve; run the release flow first"
                 )
             serve_model(
-                champion.uri, name, kind, config.serve.host, config.serve.base_port, slot,
+                f"models:/{name}@champion", name, kind, config.serve.host, config.serve.base_port, slot,
                 settings.servers_dir, settings.tracking_uri, config.serve.startup_timeout_s,
                 SMOKE_QUESTION,
             )  # fmt: skip

@@ -70,11 +70,17 @@ def _messages(request: dict[str, Any]) -> list[dict[str, str]]:
     if messages is None or not len(messages):
         raise _invalid("'messages' must be a non-empty list of {role, content}")
     cleaned = []
-    for message in messages:
+    for index, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise _invalid(f"each message needs a role in {sorted(ROLES)}, got {message!r}")
         content = message.get("content")
-        cleaned.append({"role": message["role"], "content": "" if _missing(content) else content})
+        # The signature makes `content` optional (OpenAI's tool-call messages have none); a
+        # message without text would silently become an empty turn of the chat template.
+        if _missing(content) or not isinstance(content, str):
+            raise _invalid(f"message {index} ({message['role']}) needs a string 'content'")
+        cleaned.append({"role": message["role"], "content": content})
+    if not any(m["content"].strip() for m in cleaned):
+        raise _invalid("the conversation is empty: every message's 'content' is blank")
     return cleaned
 
 
@@ -126,8 +132,11 @@ class OnnxChatModel(PythonModel):
         n = int(request.get("n", 1))
         if not 0.0 <= temperature <= 2.0:
             raise _invalid(f"temperature must be in [0, 2], got {temperature}")
-        if max_tokens < 1:
-            raise _invalid(f"max_tokens must be at least 1, got {max_tokens}")
+        if not 1 <= max_tokens <= self._context_length:
+            raise _invalid(
+                f"max_tokens must be in [1, {self._context_length}] (the model's context), "
+                f"got {max_tokens}"
+            )
         if not 1 <= n <= MAX_CHOICES:
             raise _invalid(f"n must be in [1, {MAX_CHOICES}], got {n}")
         search: dict[str, Any] = {"do_sample": temperature > 0}

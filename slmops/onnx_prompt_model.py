@@ -50,8 +50,16 @@ def prompts_from_input(model_input: Any) -> list[str]:
         raise MlflowException.invalid_parameter_value(
             f"unsupported input type {type(model_input).__name__}; send {{'prompt': '...'}}"
         )
-    if not all(isinstance(v, str) for v in values):
-        raise MlflowException.invalid_parameter_value("every prompt must be a string")
+    if not values:
+        raise MlflowException.invalid_parameter_value("no prompt in the input")
+    for index, value in enumerate(values):
+        if not isinstance(value, str):
+            raise MlflowException.invalid_parameter_value(
+                f"prompt {index} must be a string, got {type(value).__name__}"
+            )
+        # onnxruntime-genai cannot start from zero tokens (a RuntimeError, i.e. an opaque 400).
+        if not value.strip():
+            raise MlflowException.invalid_parameter_value(f"prompt {index} is empty")
     return list(values)
 
 
@@ -81,17 +89,25 @@ class OnnxPromptModel(PythonModel):
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> list[str]:
-        return [self._generate(prompt) for prompt in prompts_from_input(model_input)]
+        # Every prompt is checked before any is generated: a bad row fails the batch at once.
+        encoded = [
+            self._encode(index, p) for index, p in enumerate(prompts_from_input(model_input))
+        ]
+        return [self._generate(input_ids) for input_ids in encoded]
 
-    def _generate(self, prompt: str) -> str:
-        import onnxruntime_genai as og
-
+    def _encode(self, index: int, prompt: str) -> Any:
         with self._tokenizer_lock:
             input_ids = self._tokenizer.encode(prompt)
         if len(input_ids) >= self._context_length:
             raise MlflowException.invalid_parameter_value(
-                f"prompt has {len(input_ids)} tokens; the model's context is {self._context_length}"
+                f"prompt {index} has {len(input_ids)} tokens; the model's context is "
+                f"{self._context_length}"
             )
+        return input_ids
+
+    def _generate(self, input_ids: Any) -> str:
+        import onnxruntime_genai as og
+
         options: dict[str, Any] = {
             "max_length": min(len(input_ids) + self._max_new_tokens, self._context_length),
             "do_sample": self._temperature > 0,

@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -289,6 +291,23 @@ def log_chat_pipeline(
     return _ref(info, run_id, kind)
 
 
+@contextlib.contextmanager
+def resolved_folder(folder: Path) -> Iterator[Path]:
+    """`folder` itself, or a temporary copy of it with its symlinks resolved.
+
+    A hub snapshot (the ONNX release fetched with `onnx.source: hub`) is a folder of symlinks
+    into the Hugging Face cache's blobs/, which MLflow refuses to log ("resolved path is outside
+    the artifact directory").
+    """
+    if not any(path.is_symlink() for path in folder.rglob("*")):
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="onnx-artifact-") as tmp:
+        copy = Path(tmp) / folder.name
+        shutil.copytree(folder, copy, symlinks=False)
+        yield copy
+
+
 def _log_onnx_pyfunc(
     kind: WrapperKind,
     tracking_uri: str,
@@ -310,11 +329,14 @@ def _log_onnx_pyfunc(
     }
     if kind is WrapperKind.CHAT_ONNX:
         model_config["model_name"] = _check_source(source)["repo"]
-    with candidate_run(tracking_uri, experiment, kind, params, _source_tags(source)) as run_id:
+    with (
+        candidate_run(tracking_uri, experiment, kind, params, _source_tags(source)) as run_id,
+        resolved_folder(onnx_dir) as artifact_dir,
+    ):
         info = mlflow.pyfunc.log_model(
             name=kind.value,
             python_model=str(_WRAPPER_FILES[kind]),
-            artifacts={onnx_prompt_model.ARTIFACT_KEY: str(onnx_dir)},
+            artifacts={onnx_prompt_model.ARTIFACT_KEY: str(artifact_dir)},
             model_config=model_config,
             signature=expected_signature(kind),
             input_example=input_example(kind),

@@ -2,8 +2,9 @@
 
 Every stage or alias move is applied from a plan (`slmops.promotion`), recorded as an audit tag
 on the model version, and compensated if a later move fails, so a failed promotion leaves the
-previous Production/champion in place. Moves on one registered model are serialised by a file
-lock, so two release runs at once cannot interleave their moves.
+previous Production/champion in place. Registrations and moves on one registered model are
+serialised by a file lock, so two release runs at once can neither interleave their moves nor
+register one logged model twice.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import unquote
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -33,6 +35,7 @@ from slmops.promotion import (
     rollback_state,
     staging_state,
 )
+from tasks.mlflow_models import use_tracking_uri
 
 AUDIT_TAG_PREFIX = "slmops.audit."
 SOURCE_MODEL_TAG = "slmops.source_model_uri"
@@ -73,8 +76,11 @@ class PromotionReport(BaseModel):
 
 
 @contextlib.contextmanager
-def registry_lock(lock_dir: Path, name: str) -> Iterator[None]:
-    """Serialise registry moves on one model across processes on this host."""
+def registry_lock(lock_dir: Path | None, name: str) -> Iterator[None]:
+    """Serialise registry changes to one model across processes on this host (None: no lock)."""
+    if lock_dir is None:
+        yield
+        return
     lock_dir.mkdir(parents=True, exist_ok=True)
     with open(lock_dir / f"{name}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -82,6 +88,16 @@ def registry_lock(lock_dir: Path, name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def default_lock_dir(tracking_uri: str) -> Path | None:
+    """`locks/` beside a SQLite store's database, which every process using the store can see
+    (the release flow's `<home>/locks`); None for other stores."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    database = Path(unquote(tracking_uri.removeprefix(prefix).split("?", 1)[0])).resolve()
+    return database.parent / "locks"
 
 
 def read_state(client: MlflowClient, name: str) -> RegistryState:
@@ -146,29 +162,46 @@ def reach_state(
 
 @task(retries=2, retry_delay_seconds=2)
 def register_version(
-    tracking_uri: str, model_uri: str, name: str, tags: dict[str, str]
+    tracking_uri: str,
+    model_uri: str,
+    name: str,
+    tags: dict[str, str],
+    lock_dir: Path | None = None,
 ) -> ModelVersionRef:
     """Register `model_uri` as a new version of `name`, or return the version already holding it.
 
-    Registering the same logged model twice (a cached re-run) must not add a duplicate version.
+    Registering the same logged model twice (a cached re-run, or two runs at once that share a
+    cached logged model) must not add a duplicate version: the look-up and the creation hold
+    the model's registry lock.
+
+    Args:
+        tracking_uri: MLflow tracking and registry store.
+        model_uri: the logged model (`models:/m-...`).
+        name: registered model name (created if absent).
+        tags: model version tags.
+        lock_dir: where the per-model lock lives (default: `default_lock_dir(tracking_uri)`).
     """
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    with contextlib.suppress(MlflowException):
-        client.create_registered_model(name)
-    for existing in client.search_model_versions(f"name='{name}'"):
-        if (existing.tags or {}).get(SOURCE_MODEL_TAG) == model_uri:
-            return ModelVersionRef(name=name, version=int(existing.version))
     if not model_uri.startswith("models:/m-"):
         raise ValueError(f"expected a logged model URI (models:/m-...), got {model_uri!r}")
-    model_id = model_uri.removeprefix("models:/")
-    logged = client.get_logged_model(model_id)
-    version = client.create_model_version(
-        name,
-        source=model_uri,
-        run_id=logged.source_run_id,
-        model_id=model_id,
-        tags={**tags, SOURCE_MODEL_TAG: model_uri},
-    )
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    locks = lock_dir if lock_dir is not None else default_lock_dir(tracking_uri)
+    # MLflow resolves a `models:/m-...` source through the process-wide tracking URI, not the
+    # client's (sqlalchemy_store.create_model_version), so it is pointed at this store.
+    with registry_lock(locks, name), use_tracking_uri(tracking_uri):
+        with contextlib.suppress(MlflowException):
+            client.create_registered_model(name)
+        for existing in client.search_model_versions(f"name='{name}'"):
+            if (existing.tags or {}).get(SOURCE_MODEL_TAG) == model_uri:
+                return ModelVersionRef(name=name, version=int(existing.version))
+        model_id = model_uri.removeprefix("models:/")
+        logged = client.get_logged_model(model_id)
+        version = client.create_model_version(
+            name,
+            source=model_uri,
+            run_id=logged.source_run_id,
+            model_id=model_id,
+            tags={**tags, SOURCE_MODEL_TAG: model_uri},
+        )
     get_run_logger().info("Registered %s as %s version %s", model_uri, name, version.version)
     return ModelVersionRef(name=name, version=int(version.version))
 

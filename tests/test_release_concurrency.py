@@ -1,0 +1,261 @@
+"""Registry and serving tasks run by several processes at once, as concurrent release runs do.
+
+Each worker is a separate Python process (two release runs are two processes sharing one SQLite
+store, one lock folder and one servers folder). Workers import and prepare first, then wait
+for a common start signal, so the racing calls really overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+from prefect.logging import disable_run_logger
+
+from slmops.config import WrapperKind
+from slmops.promotion import CHALLENGER, CHAMPION
+from tasks.registry import SOURCE_MODEL_TAG, promote_version, read_state
+from tasks.serving import ask, healthy, serve_model, status_of, stop_model_server
+from tests.test_registry import log_echo_model, register
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 120.0
+WORKERS = 3  # enough to race; each worker costs ~3 s of imports on a 2-core machine
+SHARED_MODELS = 3
+ROUNDS = 2
+
+# Registers, as versions of "m", the logged models SHARED_MODEL_URIS names, or else `rounds`
+# echo models of its own, one per round, and promotes each if asked. All workers start each
+# registration and each promotion together. Prints the versions it registered as JSON.
+REGISTER_AND_PROMOTE = """
+import json, os, sys, time
+from pathlib import Path
+from prefect.logging import disable_run_logger
+from tasks.registry import promote_version, register_version
+from tests.test_registry import log_echo_model
+
+store, work, index = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+workers, rounds, promote = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
+shared = os.environ.get("SHARED_MODEL_URIS")
+model_uris = shared.split(",") if shared else [log_echo_model(store) for _ in range(rounds)]
+
+
+def together(step):
+    (work / f"{step}-{index}").touch()
+    deadline = time.monotonic() + 60
+    while len(list(work.glob(f"{step}-*"))) < workers:
+        if time.monotonic() > deadline:
+            sys.exit(f"worker {index}: the others never reached {step}")
+        time.sleep(0.001)
+
+
+(work / f"ready-{index}").touch()
+while not (work / "go").exists():
+    time.sleep(0.001)
+versions = []
+with disable_run_logger():
+    for step, model_uri in enumerate(model_uris):
+        together(f"register{step}")
+        ref = register_version.fn(store, model_uri, "m", {"slmops.validation.passed": "true"})
+        versions.append(ref.version)
+        if promote:
+            together(f"promote{step}")
+            promote_version.fn(store, ref, f"worker {index}", work / "locks")
+print(json.dumps({"versions": versions}))
+"""
+
+SERVE = """
+import json, sys, time
+from pathlib import Path
+from prefect.logging import disable_run_logger
+from slmops.config import WrapperKind
+from tasks.serving import serve_model
+
+store, work, index, model_uri = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+(work / f"ready-{index}").touch()
+while not (work / "go").exists():
+    time.sleep(0.01)
+with disable_run_logger():
+    result = serve_model.fn(model_uri, "echo", WrapperKind.PROMPT_ONNX, "127.0.0.1", None, 0,
+                            work / "servers", store, 120.0, "hello")
+print(json.dumps({"port": result.handle.port, "model_uri": result.handle.model_uri}))
+"""
+
+
+def worker_args(tracking_uri: str, tmp_path: Path, index: int, rounds: int, promote: bool):
+    return [tracking_uri, str(tmp_path / "work"), str(index), str(WORKERS), str(rounds)] + [
+        "1" if promote else "0"
+    ]
+
+
+def run_at_once(
+    script: str, work: Path, argv: list[list[str]], env: dict[str, str] | None = None
+) -> list[dict]:
+    """Start one worker per argv, release them together, return each one's JSON output."""
+    work.mkdir(parents=True, exist_ok=True)
+    logs = [(work / f"worker-{i}.out", work / f"worker-{i}.err") for i in range(len(argv))]
+    procs = []
+    for args, (out, err) in zip(argv, logs, strict=True):
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", script, *args],
+                    cwd=REPO_ROOT,
+                    env={**os.environ, **(env or {})},
+                    stdout=stdout,
+                    stderr=stderr,
+                )
+            )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(list(work.glob("ready-*"))) < len(procs):
+            if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        else:
+            (work / "go").touch()
+        for proc in procs:
+            proc.wait(timeout=max(0.1, deadline + START_TIMEOUT_S - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    # A worker that failed on its own first: the others may only have waited for it.
+    failures = sorted(
+        ((p.returncode, err) for p, (_, err) in zip(procs, logs, strict=True) if p.returncode),
+        key=lambda failure: failure[0] < 0,
+    )
+    assert not failures, "\n".join(
+        f"worker exit {code}: {err.read_text()[-6000:]}" for code, err in failures[:1]
+    )
+    return [json.loads(out.read_text().strip().splitlines()[-1]) for out, _ in logs]
+
+
+def assert_consistent(tracking_uri: str, name: str) -> None:
+    """One Production version, @champion on it, nothing left half-promoted, no duplicates."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    state = read_state(client, name)
+    production = [v for v, stage in state.stages.items() if stage == "Production"]
+    assert len(production) == 1, state
+    assert state.aliases.get(CHAMPION) == production[0], state
+    assert "Staging" not in state.stages.values() and CHALLENGER not in state.aliases, state
+    assert set(state.stages) == set(range(1, len(state.stages) + 1)), state  # none lost
+    sources = [v.tags[SOURCE_MODEL_TAG] for v in client.search_model_versions(f"name='{name}'")]
+    assert len(sources) == len(set(sources)), f"a logged model registered twice: {sources}"
+
+
+@pytest.mark.integration
+def test_logged_models_registered_by_runs_at_once_are_one_version_each(tracking_uri, tmp_path):
+    # Runs that share cached logged models register the same URIs at about the same time.
+    # Several models, registered in the same order by each worker: several chances to collide
+    # between the look-up for an existing version and the creation of a new one.
+    shared = [log_echo_model(tracking_uri) for _ in range(SHARED_MODELS)]
+    results = run_at_once(
+        REGISTER_AND_PROMOTE,
+        tmp_path / "work",
+        [worker_args(tracking_uri, tmp_path, i, rounds=0, promote=False) for i in range(WORKERS)],
+        env={"SHARED_MODEL_URIS": ",".join(shared)},
+    )
+    expected = list(range(1, SHARED_MODELS + 1))
+    assert [r["versions"] for r in results] == [expected] * WORKERS
+    versions = MlflowClient(tracking_uri=tracking_uri).search_model_versions("name='m'")
+    assert sorted(int(v.version) for v in versions) == expected
+
+
+@pytest.mark.integration
+def test_runs_registering_and_promoting_at_once_leave_a_consistent_registry(tracking_uri, tmp_path):
+    # A champion to replace, as in a real release.
+    with disable_run_logger():
+        promote_version.fn(
+            tracking_uri, register(tracking_uri, "m"), "first", tmp_path / "work" / "locks"
+        )
+    results = run_at_once(
+        REGISTER_AND_PROMOTE,
+        tmp_path / "work",
+        [
+            worker_args(tracking_uri, tmp_path, i, rounds=ROUNDS, promote=True)
+            for i in range(WORKERS)
+        ],
+    )
+    registered = sorted(v for r in results for v in r["versions"])
+    assert registered == list(range(2, WORKERS * ROUNDS + 2))
+    assert_consistent(tracking_uri, "m")
+    state = read_state(MlflowClient(tracking_uri=tracking_uri), "m")
+    assert sorted(state.stages.values()) == ["Archived"] * WORKERS * ROUNDS + ["Production"]
+    # The last promotion to finish is the champion: some worker's last version.
+    assert state.production_version() in {r["versions"][-1] for r in results}
+
+
+def servers_of_store(tracking_uri: str) -> list[psutil.Process]:
+    """Every `mlflow models serve` process serving from this store (each test has its own)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "models serve" not in cmdline:
+            continue
+        try:
+            if proc.environ().get("MLFLOW_TRACKING_URI") == tracking_uri:
+                found.append(proc)
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+    return found
+
+
+@pytest.mark.e2e
+def test_runs_serving_one_model_at_once_leave_one_server(tracking_uri, tmp_path):
+    versions = [register(tracking_uri, "echo") for _ in range(2)]
+    servers_dir = tmp_path / "work" / "servers"
+    try:
+        results = run_at_once(
+            SERVE,
+            tmp_path / "work",
+            [[tracking_uri, str(tmp_path / "work"), str(i), v.uri] for i, v in enumerate(versions)],
+        )
+        status = status_of(servers_dir, "echo")
+        assert status.state == "serving"
+        assert status.handle.model_uri in {r["model_uri"] for r in results}
+        # The run that served first had its server replaced by the second: none is orphaned.
+        live = [r["port"] for r in results if healthy(f"http://127.0.0.1:{r['port']}")]
+        assert live == [status.handle.port], f"servers still answering: {live}"
+        assert [p.pid for p in servers_of_store(tracking_uri)] == [status.handle.pid]
+        assert "hello" in ask(status.handle, "hello")
+    finally:
+        stop_model_server(servers_dir, "echo")
+        for orphan in servers_of_store(tracking_uri):
+            os.killpg(orphan.pid, signal.SIGKILL)
+
+
+@pytest.mark.e2e
+def test_serving_an_alias_serves_the_version_it_points_to_then(tracking_uri, tmp_path):
+    servers_dir = tmp_path / "servers"
+    v1 = register(tracking_uri, "echo")
+    v2 = register(tracking_uri, "echo")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.set_registered_model_alias("echo", CHAMPION, "2")
+    try:
+        with disable_run_logger():
+            first = serve_model.fn(
+                "models:/echo@champion", "echo", WrapperKind.PROMPT_ONNX, "127.0.0.1", None, 0,
+                servers_dir, tracking_uri, 120.0, "hello",
+            )  # fmt: skip
+            assert first.handle.model_uri == v2.uri
+            client.set_registered_model_alias("echo", CHAMPION, "1")
+            second = serve_model.fn(
+                "models:/echo@champion", "echo", WrapperKind.PROMPT_ONNX, "127.0.0.1", None, 0,
+                servers_dir, tracking_uri, 120.0, "hello",
+            )  # fmt: skip
+        assert second.handle.model_uri == v1.uri and second.replaced == first.handle
+        assert status_of(servers_dir, "echo").state == "serving"
+    finally:
+        stop_model_server(servers_dir, "echo")

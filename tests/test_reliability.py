@@ -1,0 +1,345 @@
+"""Release runs that crash, are killed, or run at once; served models that die; a secret token.
+
+Releases run as operators run them: `python -m flows.release '<json>'` subprocesses on one
+`SLMOPS_HOME` (one SQLite MLflow store, lock folder and servers folder), reporting to the
+session's Prefect test server, with `HF_TOKEN` set to a secret that must show up nowhere. One
+module-wide home; a first release serves Production, and the tests run in order on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+from prefect import flow
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+    PREFECT_SERVER_DATABASE_CONNECTION_URL,
+)
+
+from flows.serve import serve
+from slmops.config import (
+    PHI3_REPO_ID,
+    GenerationSpec,
+    HubSpec,
+    OnnxExportSpec,
+    RegistrySpec,
+    ServeFlowConfig,
+    ServeSpec,
+    Settings,
+    WrapperKind,
+)
+from slmops.fake_hub import FakeHub, Faults
+from slmops.promotion import CHAMPION
+from tasks.hub import fetch_model_snapshot
+from tasks.mlflow_models import CANDIDATE_TAG, log_onnx_prompt_model
+from tasks.registry import SOURCE_MODEL_TAG, read_state
+from tasks.serving import ServerStatus, ask, status_of, stop_model_server
+from tests.test_release_concurrency import assert_consistent, servers_of_store
+
+pytestmark = pytest.mark.e2e
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOKEN = f"hf_secret_{secrets.token_hex(12)}"
+SPAIN = "What is the capital of Spain?"
+RELEASE_TIMEOUT_S = 600
+NAMES = {kind: RegistrySpec().model_name(kind) for kind in WrapperKind}
+SERVED = WrapperKind.PROMPT_ONNX
+# Cheap but complete: no fp32 export for runtime parity; one served model (the ONNX prompt
+# model starts in seconds, the transformers one in ~20 s); no front door.
+SERVE = {"kinds": [SERVED.value], "front_door": False}
+BASE_CONFIG: dict[str, Any] = {"runtime_parity": False, "serve": SERVE}
+SERVE_SPEC = ServeSpec(kinds=(SERVED,), front_door=False)
+# Printed by Prefect when the first wrapper is logged: the run is past fetching and building and
+# has not validated, registered or promoted anything yet.
+LOGGED_MARKER = re.compile(r"Task run 'log_chat_pipeline-\w+' - Finished in state Completed")
+# `mlflow.set_tracking_uri` exports MLFLOW_TRACKING_URI, and Settings.from_env prefers it to
+# SLMOPS_HOME: whatever store an earlier test pointed MLflow at must not leak into a release.
+MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@dataclass(frozen=True)
+class ReleaseHome:
+    settings: Settings
+    env: dict[str, str]
+    outputs: Path
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.settings.tracking_uri)
+
+    def registry(self) -> dict[str, Any]:
+        return {name: read_state(self.client, name) for name in NAMES.values()}
+
+    def served(self) -> ServerStatus:
+        return status_of(self.settings.servers_dir, NAMES[SERVED])
+
+
+def point_flows_at(home: ReleaseHome, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flows called in this process see `home` as the release subprocesses do."""
+    monkeypatch.setenv("SLMOPS_HOME", str(home.settings.home))
+    for variable in MLFLOW_URI_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+
+
+def config(**changes: Any) -> str:
+    return json.dumps({**BASE_CONFIG, **changes})
+
+
+def start_release(home: ReleaseHome, label: str, config_json: str) -> subprocess.Popen:
+    """`python -m flows.release <json>` in its own process group; its output goes to a file."""
+    with open(home.outputs / f"{label}.log", "w") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.release", config_json],
+            cwd=REPO_ROOT,
+            env=home.env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def finish_release(home: ReleaseHome, label: str, proc: subprocess.Popen) -> dict[str, Any]:
+    """Wait for a release; its report (the JSON the module prints last)."""
+    try:
+        proc.wait(timeout=RELEASE_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = (home.outputs / f"{label}.log").read_text()
+    assert proc.returncode == 0, output[-5000:]
+    report, _ = json.JSONDecoder().raw_decode(output[output.rindex("\n{\n") + 1 :])
+    return report
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, prefect_harness, embedded_repos) -> Iterator[ReleaseHome]:
+    """A release home after a first, complete release (run with HF_TOKEN set)."""
+    root = tmp_path_factory.mktemp("reliability-home")
+    outputs = root / "test-output"
+    outputs.mkdir()
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in MLFLOW_URI_VARIABLES},
+        "SLMOPS_HOME": str(root),
+        "HF_TOKEN": TOKEN,
+        # The session's Prefect server: no temporary server per run, and one database holding
+        # every run's records and logs (searched for the token below).
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "PREFECT_LOGGING_TO_API_ENABLED": "true",
+    }
+    release_home = ReleaseHome(Settings.from_env({"SLMOPS_HOME": str(root)}), env, outputs)
+    try:
+        report = finish_release(
+            release_home, "first", start_release(release_home, "first", config())
+        )
+        assert all(o["promoted"] for o in report["outcomes"]), report
+        yield release_home
+    finally:
+        for name in NAMES.values():
+            stop_model_server(release_home.settings.servers_dir, name)
+        for orphan in servers_of_store(release_home.settings.tracking_uri):
+            os.killpg(orphan.pid, signal.SIGKILL)
+
+
+def test_a_crashed_server_is_seen_by_status_and_repaired_by_the_serve_flow(home, monkeypatch):
+    point_flows_at(home, monkeypatch)
+    before = home.served()
+    assert before.state == "serving"
+    os.killpg(before.handle.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while home.served().state != "dead" and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    rows = {r["name"]: r for r in serve(ServeFlowConfig(action="status", serve=SERVE_SPEC))}
+    assert (rows[NAMES[SERVED]]["state"], rows[NAMES[SERVED]]["pid"]) == ("dead", before.handle.pid)
+
+    rows = {r["name"]: r for r in serve(ServeFlowConfig(action="start", serve=SERVE_SPEC))}
+    after = home.served()
+    assert rows[NAMES[SERVED]]["state"] == after.state == "serving"
+    assert after.handle.pid != before.handle.pid
+    champion = home.client.get_model_version_by_alias(NAMES[SERVED], CHAMPION)
+    assert after.handle.model_uri == f"models:/{NAMES[SERVED]}/{champion.version}"
+    assert "Madrid" in ask(after.handle, SPAIN)
+
+
+def test_a_release_killed_mid_way_leaves_production_and_the_served_model_untouched(home):
+    registry_before = home.registry()
+    served_before = home.served()
+    answer_before = ask(served_before.handle, SPAIN)
+    # A changed input, so the run really logs new models (nothing comes from Prefect's cache).
+    proc = start_release(home, "killed", config(generation={"max_new_tokens": 48}))
+    log = home.outputs / "killed.log"
+    try:
+        deadline = time.monotonic() + RELEASE_TIMEOUT_S
+        while not LOGGED_MARKER.search(log.read_text()):
+            assert proc.poll() is None, f"the release ended before logging:\n{log.read_text()}"
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and anything it started in its group
+        proc.wait(timeout=30)
+
+    # It was killed mid-way: a new logged model exists, nothing of this run was registered.
+    runs = home.client.search_runs(
+        [e.experiment_id for e in home.client.search_experiments()],
+        filter_string="params.`generation.max_new_tokens` = '48'",
+    )
+    assert runs, "the killed release logged nothing: the kill came too early to test anything"
+    registered = {
+        v.tags.get(SOURCE_MODEL_TAG)
+        for name in NAMES.values()
+        for v in home.client.search_model_versions(f"name='{name}'")
+    }
+    for run in runs:
+        for model in home.client.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run.info.run_id}'",
+        ):
+            assert f"models:/{model.model_id}" not in registered
+    # A run cut off while logging stays "pending", never "true": no one takes it as a candidate.
+    cut_off = [r for r in runs if r.info.status == "RUNNING"]
+    assert all(r.data.tags.get(CANDIDATE_TAG) == "pending" for r in cut_off), cut_off
+
+    assert home.registry() == registry_before
+    served_after = home.served()
+    assert served_after.state == "serving" and served_after.handle == served_before.handle
+    assert ask(served_after.handle, SPAIN) == answer_before
+
+
+def test_two_releases_at_once_leave_the_registry_consistent(home):
+    versions_before = {name: set(state.stages) for name, state in home.registry().items()}
+    run_config = config(generation={"max_new_tokens": 40})
+    procs = {label: start_release(home, label, run_config) for label in ("left", "right")}
+    reports = {label: finish_release(home, label, proc) for label, proc in procs.items()}
+
+    new_versions: dict[str, set[int]] = {name: set() for name in NAMES.values()}
+    for report in reports.values():
+        for outcome in report["outcomes"]:
+            assert outcome["validation_passed"] and outcome["promoted"], outcome
+            name = outcome["registered_model"]
+            new_versions[name].add(outcome["version"])
+            version = home.client.get_model_version(name, str(outcome["version"]))
+            assert version.tags[SOURCE_MODEL_TAG] == outcome["model_uri"]
+    for name, state in home.registry().items():
+        assert_consistent(home.settings.tracking_uri, name)
+        assert set(state.stages) == versions_before[name] | new_versions[name]
+        # The champion is one of this round's versions, whichever run promoted last.
+        assert state.production_version() in new_versions[name], (state, new_versions)
+
+    served = home.served()
+    assert served.state == "serving"
+    version = int(served.handle.model_uri.rsplit("/", 1)[1])
+    assert version in new_versions[NAMES[SERVED]]
+    # Both runs switched the server; the one that switched first had its server replaced.
+    assert [p.pid for p in servers_of_store(home.settings.tracking_uri)] == [served.handle.pid]
+    assert "Madrid" in ask(served.handle, SPAIN)
+
+
+@pytest.fixture()
+def captured_logs() -> Iterator[list[str]]:
+    """Everything logged in this process during the test, formatted."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Collect(level=logging.DEBUG)
+    loggers = [logging.getLogger(n) for n in ("", "prefect", "huggingface_hub", "tasks")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield lines
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+def _files_holding(secret: bytes, roots: list[Path]) -> list[Path]:
+    found = []
+    for root in roots:
+        for path in [root] if root.is_file() else root.rglob("*"):
+            if path.is_file() and not path.is_symlink() and secret in path.read_bytes():
+                found.append(path)
+    return found
+
+
+def test_the_hf_token_appears_in_no_log_artifact_tag_or_record(
+    home, fake_hub: FakeHub, tmp_path, monkeypatch, captured_logs
+):
+    # A fetch that needs the token: a gated repo on the fake hub, the token from HF_TOKEN.
+    fake_hub.set_faults(Faults(gated_token=TOKEN), repo_id=PHI3_REPO_ID)
+    point_flows_at(home, monkeypatch)
+    monkeypatch.setenv("SLMOPS_HOME", str(tmp_path / "gated-home"))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+
+    @flow(name="gated-fetch")
+    def gated_fetch():
+        return fetch_model_snapshot(HubSpec(source="hub"), Settings.from_env(), fake_hub.endpoint)
+
+    snapshot = gated_fetch()
+    assert snapshot.files and fake_hub.count("file") > 0
+    assert all(r.authorized for r in fake_hub.requests if r.kind in ("head", "file"))
+
+    secret = TOKEN.encode()
+    control = tmp_path / "control.txt"
+    control.write_text(f"token={TOKEN}")
+    assert _files_holding(secret, [control]) == [control]  # the search can find it
+
+    database = Path(str(PREFECT_SERVER_DATABASE_CONNECTION_URL.value()).split("///", 1)[1])
+    roots = [
+        home.settings.home,  # MLflow DB, artifacts, server logs, release outputs, caches, locks
+        tmp_path / "gated-home",
+        Path(str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value())),
+        *database.parent.glob(database.name + "*"),  # Prefect runs, states, logs, artifacts
+    ]
+    assert (home.outputs / "first.log").stat().st_size > 0 and (home.settings.servers_dir).is_dir()
+    assert not _files_holding(secret, roots)
+    assert captured_logs and not [line for line in captured_logs if TOKEN in line]
+
+    # The same through MLflow's API: every param and tag of runs, logged models and versions.
+    client = home.client
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    texts = []
+    for run in client.search_runs(experiments):
+        texts += [json.dumps(run.data.params), json.dumps(run.data.tags)]
+    for model in client.search_logged_models(experiment_ids=experiments):
+        texts += [json.dumps(model.params), json.dumps(model.tags)]
+    for name in NAMES.values():
+        texts += [json.dumps(v.tags) for v in client.search_model_versions(f"name='{name}'")]
+    assert len(texts) > 10 and not [t for t in texts if TOKEN in t]
+
+    # A served model never needs the hub: its process does not even hold the token.
+    servers = servers_of_store(home.settings.tracking_uri)
+    assert servers and not [p for p in servers if TOKEN in json.dumps(p.environ())]
+
+
+def test_an_onnx_release_from_the_hub_cache_can_be_logged(
+    tracking_uri, tiny_onnx_int4_dir, tmp_path
+):
+    # The layout huggingface_hub leaves: snapshots/<commit>/<subfolder>/<file> -> blobs/<hash>.
+    blobs = tmp_path / "blobs"
+    folder = tmp_path / "snapshots" / "0123abcd" / tiny_onnx_int4_dir.name
+    blobs.mkdir()
+    folder.mkdir(parents=True)
+    for path in tiny_onnx_int4_dir.iterdir():
+        blob = blobs / path.name
+        blob.write_bytes(path.read_bytes())
+        (folder / path.name).symlink_to(os.path.relpath(blob, folder))
+    ref = log_onnx_prompt_model.fn(
+        tracking_uri, "hub-onnx", folder, GenerationSpec(), OnnxExportSpec(source="hub"),
+        {"repo": "microsoft/Phi-3-mini-4k-instruct-onnx", "commit": "0123abcd"},
+    )  # fmt: skip
+    assert MlflowClient(tracking_uri).get_logged_model(ref.model_id)
