@@ -36,24 +36,29 @@ from slmops.config import WrapperKind
 HUB_TOKEN_VARIABLES = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
 
 
-class ServerHandle(BaseModel):
-    """What a running server is: enough to find, call and stop it."""
+class ProcessHandle(BaseModel):
+    """A managed server process: enough to find, call and stop it."""
 
     model_config = ConfigDict(frozen=True)
 
     name: str
-    kind: WrapperKind
-    model_uri: str
     host: str
     port: int
     pid: int
-    process_started: float
+    process_started: float  # with the pid, tells our process from a later one reusing the pid
     log_path: Path
     started_at: str
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+
+class ServerHandle(ProcessHandle):
+    """A running `mlflow models serve` of one registered model version."""
+
+    kind: WrapperKind
+    model_uri: str
 
 
 class ServerStatus(BaseModel):
@@ -80,14 +85,14 @@ def read_handle(servers_dir: Path, name: str) -> ServerHandle | None:
     return ServerHandle.model_validate_json(path.read_text())
 
 
-def _write_handle(servers_dir: Path, handle: ServerHandle | FrontDoorHandle) -> None:
+def _write_handle(servers_dir: Path, handle: ProcessHandle) -> None:
     path = state_path(servers_dir, handle.name)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(handle.model_dump_json(indent=2))
     tmp.replace(path)  # atomic: readers see the old or the new server, never half a file
 
 
-def is_running(handle: ServerHandle | FrontDoorHandle) -> bool:
+def is_running(handle: ProcessHandle) -> bool:
     return _is_ours(handle.pid, handle.process_started)
 
 
@@ -220,7 +225,7 @@ def _spawn_until_healthy(
     )
 
 
-def terminate(handle: ServerHandle | FrontDoorHandle, grace_s: float = 10.0) -> None:
+def terminate(handle: ProcessHandle, grace_s: float = 10.0) -> None:
     """Stop the server's whole process group (uvicorn workers included)."""
     _stop_process_group(handle.pid, handle.process_started, grace_s)
 
@@ -427,22 +432,10 @@ def describe(status: ServerStatus) -> dict[str, Any]:
 FRONT_DOOR = "front-door"
 
 
-class FrontDoorHandle(BaseModel):
-    """The running front door: enough to find, call and stop it."""
-
-    model_config = ConfigDict(frozen=True)
+class FrontDoorHandle(ProcessHandle):
+    """The running front door."""
 
     name: str = FRONT_DOOR
-    host: str
-    port: int
-    pid: int
-    process_started: float
-    log_path: Path
-    started_at: str
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     @property
     def openai_base_url(self) -> str:
