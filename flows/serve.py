@@ -13,7 +13,6 @@ from tasks.reporting import publish_table
 from tasks.serving import (
     ServingError,
     describe,
-    describe_front_door,
     front_door_status,
     serve_front_door,
     serve_model,
@@ -79,7 +78,7 @@ def serve(config: ServeFlowConfig = ServeFlowConfig()) -> list[dict]:
     else:
         door = front_door_status(settings.servers_dir)
     if config.serve.front_door or door.handle is not None:
-        rows.append(describe_front_door(door))
+        rows.append(describe(door))
         logger.info("front door: %s %s", door.state, door.detail)
     publish_table("servers", rows, f"Model servers after '{config.action}'")
     return rows

@@ -412,14 +412,14 @@ def stop_model_server(servers_dir: Path, name: str) -> ServerStatus:
     return ServerStatus(name=name, state="absent", handle=handle, detail="stopped")
 
 
-def describe(status: ServerStatus) -> dict[str, Any]:
-    """A flat, JSON-friendly summary for tables and CLI output."""
+def describe(status: ServerStatus | FrontDoorStatus) -> dict[str, Any]:
+    """A flat, JSON-friendly row for tables and CLI output (model servers and the front door)."""
     handle = status.handle
     return {
         "name": status.name,
         "state": status.state,
         "url": handle.url if handle else "",
-        "model_uri": handle.model_uri if handle else "",
+        "model_uri": getattr(handle, "model_uri", ""),
         "pid": handle.pid if handle else None,
         "detail": status.detail,
     }
@@ -531,16 +531,3 @@ def stop_front_door(servers_dir: Path) -> FrontDoorStatus:
     terminate(handle)
     state_path(servers_dir, FRONT_DOOR).unlink(missing_ok=True)
     return FrontDoorStatus(state="absent", handle=handle, detail="stopped")
-
-
-def describe_front_door(status: FrontDoorStatus) -> dict[str, Any]:
-    """The front door as a row like `describe`'s."""
-    handle = status.handle
-    return {
-        "name": status.name,
-        "state": status.state,
-        "url": handle.url if handle else "",
-        "model_uri": "",
-        "pid": handle.pid if handle else None,
-        "detail": status.detail,
-    }

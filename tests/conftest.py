@@ -50,6 +50,28 @@ def tiny_onnx_int4_dir(embedded_repos: dict[str, Path]) -> Path:
     return embedded_repos[PHI3_ONNX_REPO_ID] / PHI3_ONNX_INT4_SUBFOLDER
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One MLflow SQLite store for all the tests of a module."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def logged(store, tiny_model_dir, tiny_onnx_int4_dir):
+    """The three wrappers of the embedded model, logged once per module into `store`."""
+    from slmops.config import GenerationSpec, OnnxExportSpec
+    from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
+
+    generation, export = GenerationSpec(max_new_tokens=32), OnnxExportSpec()
+    source = {"repo": "microsoft/Phi-3-mini-4k-instruct", "commit": "0123abcd"}
+    refs = [
+        log_chat_pipeline.fn(store, "release", tiny_model_dir, generation, source),
+        log_onnx_prompt_model.fn(store, "release", tiny_onnx_int4_dir, generation, export, source),
+        log_onnx_chat_model.fn(store, "release", tiny_onnx_int4_dir, generation, export, source),
+    ]
+    return {ref.kind: ref for ref in refs}
+
+
 @pytest.fixture()
 def tracking_uri(tmp_path: Path) -> str:
     """A fresh MLflow tracking + registry store on SQLite for one test."""

@@ -27,7 +27,7 @@ from tasks.registry import register_version
 from tasks.serving import (
     ServerHandle,
     _write_handle,
-    describe_front_door,
+    describe,
     front_door_status,
     serve_front_door,
     serve_model,
@@ -370,7 +370,7 @@ def test_the_front_door_is_reused_and_reported(served):
     status = front_door_status(served.servers)
     assert status.state == "serving"
     assert status.detail == f"{served.door.url}/v1: {CHAT_ONNX}, {CHAT_TRANSFORMERS}"
-    row = describe_front_door(status)
+    row = describe(status)
     assert row["url"] == served.door.url and row["pid"] == served.door.pid
 
 

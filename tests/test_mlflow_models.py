@@ -37,23 +37,6 @@ GENERATION = GenerationSpec(max_new_tokens=32)
 SPAIN = "What is the capital of Spain?"
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.fixture(scope="module")
-def logged(store, tiny_model_dir, tiny_onnx_int4_dir) -> dict[WrapperKind, LoggedModelRef]:
-    """The three models, logged once for the module."""
-    export = OnnxExportSpec()
-    refs = [
-        log_chat_pipeline.fn(store, "release", tiny_model_dir, GENERATION, SOURCE),
-        log_onnx_prompt_model.fn(store, "release", tiny_onnx_int4_dir, GENERATION, export, SOURCE),
-        log_onnx_chat_model.fn(store, "release", tiny_onnx_int4_dir, GENERATION, export, SOURCE),
-    ]
-    return {ref.kind: ref for ref in refs}
-
-
 def _load(store: str, ref: LoggedModelRef):
     return mlflow.pyfunc.load_model(str(local_model_dir(store, ref)))
 

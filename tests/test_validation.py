@@ -38,9 +38,6 @@ from slmops.signatures import (
 from slmops.tiny_model import TRAINED_ANSWERS
 from tasks.mlflow_models import (
     experiment_id,
-    log_chat_pipeline,
-    log_onnx_chat_model,
-    log_onnx_prompt_model,
     use_tracking_uri,
 )
 from tasks.onnx_export import export_onnx
@@ -56,22 +53,6 @@ from tasks.validation import (
 SOURCE = {"repo": "microsoft/Phi-3-mini-4k-instruct", "commit": "0123abcd"}
 GENERATION = GenerationSpec(max_new_tokens=32)
 PROMPT_ONNX_FILE = Path(validation.__file__).parents[1] / "slmops" / "onnx_prompt_model.py"
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.fixture(scope="module")
-def logged(store, tiny_model_dir, tiny_onnx_int4_dir) -> dict[WrapperKind, LoggedModelRef]:
-    export = OnnxExportSpec()
-    refs = [
-        log_chat_pipeline.fn(store, "release", tiny_model_dir, GENERATION, SOURCE),
-        log_onnx_prompt_model.fn(store, "release", tiny_onnx_int4_dir, GENERATION, export, SOURCE),
-        log_onnx_chat_model.fn(store, "release", tiny_onnx_int4_dir, GENERATION, export, SOURCE),
-    ]
-    return {ref.kind: ref for ref in refs}
 
 
 def _fakes(store: str) -> str:
