@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # Before anything imports prefect or mlflow: keep their state out of ~ and stay quiet offline.
@@ -94,3 +96,26 @@ def fake_hub(embedded_repos: dict[str, Path]):
 
     with FakeHub(embedded_repos) as hub:
         yield hub
+
+
+@pytest.fixture()
+def captured_logs() -> Iterator[list[str]]:
+    """Everything logged in this process during the test (huggingface_hub at DEBUG), formatted."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Collect(level=logging.DEBUG)
+    names = ("", "prefect", "prefect.task_runs", "prefect.flow_runs", "huggingface_hub", "tasks")
+    loggers = [logging.getLogger(name) for name in names]
+    hub_logger = logging.getLogger("huggingface_hub")
+    hub_level = hub_logger.level
+    hub_logger.setLevel(logging.DEBUG)
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield lines
+    for logger in loggers:
+        logger.removeHandler(handler)
+    hub_logger.setLevel(hub_level)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -405,28 +404,6 @@ def test_unknown_repo_fails_fast_with_a_clear_message(
             )
         )
     assert fake_hub.count("info", repo_id="microsoft/no-such-model") == 1
-
-
-@pytest.fixture()
-def captured_logs() -> Iterator[list[str]]:
-    """Everything prefect, huggingface_hub and our tasks log during the test, formatted."""
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(self.format(record))
-
-    handler = Collect(level=logging.DEBUG)
-    names = ("prefect", "prefect.task_runs", "prefect.flow_runs", "huggingface_hub", "tasks")
-    loggers = [logging.getLogger(name) for name in names]
-    hf_level = loggers[3].level
-    loggers[3].setLevel(logging.DEBUG)
-    for logger in loggers:
-        logger.addHandler(handler)
-    yield lines
-    for logger in loggers:
-        logger.removeHandler(handler)
-    loggers[3].setLevel(hf_level)
 
 
 @pytest.mark.integration

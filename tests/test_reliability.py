@@ -9,7 +9,6 @@ module-wide home; a first release serves Production, and the tests run in order 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import secrets
@@ -247,24 +246,6 @@ def test_two_releases_at_once_leave_the_registry_consistent(home):
     # Both runs switched the server; the one that switched first had its server replaced.
     assert [p.pid for p in servers_of_store(home.settings.tracking_uri)] == [served.handle.pid]
     assert "Madrid" in ask(served.handle, SPAIN)
-
-
-@pytest.fixture()
-def captured_logs() -> Iterator[list[str]]:
-    """Everything logged in this process during the test, formatted."""
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(self.format(record))
-
-    handler = Collect(level=logging.DEBUG)
-    loggers = [logging.getLogger(n) for n in ("", "prefect", "huggingface_hub", "tasks")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    yield lines
-    for logger in loggers:
-        logger.removeHandler(handler)
 
 
 def _files_holding(secret: bytes, roots: list[Path]) -> list[Path]:
