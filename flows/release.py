@@ -9,22 +9,25 @@ from collections.abc import Iterator
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
+from flows._runtime import run_from_command_line, task_results_under
 from slmops.config import HubSpec, OnnxExportSpec, ReleaseConfig, Settings, WrapperKind
+from slmops.errors import ExplainedError
+from slmops.families import PHI3
 from slmops.reports import ReleaseReport, WrapperOutcome, release_markdown, validation_row
-from slmops.tiny_model import TRAINED_ANSWERS
 from tasks.hub import fetch_model_snapshot, fetch_onnx_release
 from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
 from tasks.onnx_export import export_onnx
 from tasks.registry import champion_version, promote_version, register_version
+from tasks.release_records import release_lease, settle_killed_releases
 from tasks.reporting import publish_link, publish_markdown, publish_table
 from tasks.serving import serve_front_door, serve_model
 from tasks.validation import compare_runtimes, validate_model
 
-SMOKE_QUESTION = next(iter(TRAINED_ANSWERS))
+SMOKE_QUESTION = PHI3.smoke_question
 EXPERIMENT = "slmops-release"
 
 
-class ReleaseValidationError(RuntimeError):
+class ReleaseValidationError(ExplainedError):
     """At least one wrapper failed validation; it was registered but not promoted."""
 
 
@@ -34,7 +37,7 @@ def hub_endpoint(hub: HubSpec, settings: Settings) -> Iterator[str | None]:
     if hub.source == "embedded":
         from slmops.fake_hub import serve_embedded
 
-        with serve_embedded(settings.embedded_cache_dir) as fake:
+        with serve_embedded(settings.embedded_cache_dir, progress=get_run_logger().info) as fake:
             yield fake.endpoint
     else:
         yield settings.hf_endpoint
@@ -66,10 +69,20 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
             release), `generation` the generation defaults, `registry` the model names, `serve`
             what is served and where, `promote` whether passing versions go to Production.
     """
-    logger = get_run_logger()
+    from prefect.runtime import flow_run
+
     settings = Settings.from_env()
     settings.home.mkdir(parents=True, exist_ok=True)
+    settle_killed_releases(settings.home)
+    with (
+        task_results_under(settings.task_results_dir),
+        release_lease(settings.home, flow_run.id, settings.tracking_uri),
+    ):
+        return _release(config, settings)
 
+
+def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
+    logger = get_run_logger()
     with hub_endpoint(config.hub, settings) as endpoint:
         snapshot = fetch_model_snapshot(config.hub, settings, endpoint)
         if config.onnx.source == "hub":
@@ -226,5 +239,6 @@ def load_config(argument: str | None) -> ReleaseConfig:
 if __name__ == "__main__":
     import sys
 
-    report = release(load_config(sys.argv[1] if len(sys.argv) > 1 else None))
+    config = load_config(sys.argv[1] if len(sys.argv) > 1 else None)
+    report = run_from_command_line(lambda: release(config))
     print(json.dumps(report.model_dump(mode="json"), indent=2))

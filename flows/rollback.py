@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from slmops.config import RollbackConfig, Settings, WrapperKind
-from slmops.tiny_model import TRAINED_ANSWERS
+from flows._runtime import run_from_command_line
+from slmops.config import RegistrySpec, RollbackConfig, Settings, WrapperKind
+from slmops.families import PHI3
 from tasks.registry import ModelVersionRef, PromotionReport, rollback_version
 from tasks.reporting import publish_table
 from tasks.serving import serve_model
 
-SMOKE_QUESTION = next(iter(TRAINED_ANSWERS))
+SMOKE_QUESTION = PHI3.smoke_question
 
 
 @flow(name="rollback", flow_run_name="rollback-{config.kind.value}-to-v{config.version}")
@@ -46,5 +47,12 @@ if __name__ == "__main__":
     parser.add_argument("kind", choices=[k.value for k in WrapperKind])
     parser.add_argument("version", type=int)
     parser.add_argument("reason")
+    parser.add_argument(
+        "--name-prefix", default=RegistrySpec().name_prefix, help="registry.name_prefix"
+    )
     args = parser.parse_args()
-    rollback(RollbackConfig(kind=args.kind, version=args.version, reason=args.reason))
+    config = RollbackConfig(
+        kind=args.kind, version=args.version, reason=args.reason,
+        registry=RegistrySpec(name_prefix=args.name_prefix),
+    )  # fmt: skip
+    run_from_command_line(lambda: rollback(config))

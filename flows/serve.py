@@ -6,9 +6,11 @@ import json
 
 from prefect import flow, get_run_logger
 
-from slmops.config import ServeFlowConfig, Settings
-from slmops.tiny_model import TRAINED_ANSWERS
+from flows._runtime import run_from_command_line
+from slmops.config import RegistrySpec, ServeFlowConfig, Settings
+from slmops.families import PHI3
 from tasks.registry import champion_version
+from tasks.release_records import settle_killed_releases
 from tasks.reporting import publish_table
 from tasks.serving import (
     ServingError,
@@ -22,7 +24,7 @@ from tasks.serving import (
     stop_model_server,
 )
 
-SMOKE_QUESTION = next(iter(TRAINED_ANSWERS))
+SMOKE_QUESTION = PHI3.smoke_question
 
 
 @flow(name="serve", flow_run_name="serve-{config.action}")
@@ -37,6 +39,7 @@ def serve(config: ServeFlowConfig = ServeFlowConfig()) -> list[dict]:
     """
     settings = Settings.from_env()
     logger = get_run_logger()
+    settle_killed_releases(settings.home)
     rows = []
     for slot, kind in enumerate(config.serve.kinds):
         name = config.registry.model_name(kind)
@@ -85,7 +88,17 @@ def serve(config: ServeFlowConfig = ServeFlowConfig()) -> list[dict]:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    action = sys.argv[1] if len(sys.argv) > 1 else "status"
-    print(json.dumps(serve(ServeFlowConfig(action=action)), indent=2))
+    parser = argparse.ArgumentParser(
+        description="Start (or repair), stop, or report the model servers."
+    )
+    parser.add_argument("action", nargs="?", default="status", choices=["start", "stop", "status"])
+    parser.add_argument(
+        "--name-prefix", default=RegistrySpec().name_prefix, help="registry.name_prefix"
+    )
+    args = parser.parse_args()
+    config = ServeFlowConfig(
+        action=args.action, registry=RegistrySpec(name_prefix=args.name_prefix)
+    )
+    print(json.dumps(run_from_command_line(lambda: serve(config)), indent=2))

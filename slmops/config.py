@@ -13,11 +13,17 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 PHI3_REPO_ID = "microsoft/Phi-3-mini-4k-instruct"
 PHI3_ONNX_REPO_ID = "microsoft/Phi-3-mini-4k-instruct-onnx"
 PHI3_ONNX_INT4_SUBFOLDER = "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"
+# The embedded default has its own identity: its releases must never be mistaken for (or
+# registered over) releases of the real model.
+TINY_PHI3_REPO_ID = "slmops/tiny-phi3"
+TINY_PHI3_ONNX_REPO_ID = "slmops/tiny-phi3-onnx"
+TINY_PHI3_NAME_PREFIX = "tiny-phi3"
+EMBEDDED_REPO_IDS = frozenset({TINY_PHI3_REPO_ID, TINY_PHI3_ONNX_REPO_ID})
 
 
 class Spec(BaseModel):
@@ -35,14 +41,15 @@ class WrapperKind(StrEnum):
 class HubSpec(Spec):
     """Which model to fetch, and from where.
 
-    `source="embedded"` builds the tiny offline Phi-3 and serves it on a loopback fake hub, so
-    the real `huggingface_hub` download path runs without internet.
+    `source="embedded"` builds the tiny offline Phi-3 (repo `slmops/tiny-phi3`) and serves it
+    on a loopback fake hub, so the real `huggingface_hub` download path runs without internet.
+    `source="hub"` fetches e.g. microsoft/Phi-3-mini-4k-instruct (see deployments/phi3-mini.yaml).
     """
 
     source: Literal["embedded", "hub"] = "embedded"
-    repo_id: str = PHI3_REPO_ID
+    repo_id: str = TINY_PHI3_REPO_ID
     revision: str = "main"
-    onnx_repo_id: str = PHI3_ONNX_REPO_ID
+    onnx_repo_id: str = TINY_PHI3_ONNX_REPO_ID
     onnx_revision: str = "main"
     onnx_subfolder: str = PHI3_ONNX_INT4_SUBFOLDER
     # Weights-only download: skip the remote code and docs the pipeline doesn't need.
@@ -59,6 +66,17 @@ class HubSpec(Spec):
         if len(parts) != 2 or not all(parts):
             raise ValueError(f"repo id must look like 'owner/name', got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _embedded_repos_only(self) -> HubSpec:
+        # The loopback fake hub serves the embedded repos and nothing else.
+        if self.source == "embedded" and not {self.repo_id, self.onnx_repo_id} <= EMBEDDED_REPO_IDS:
+            raise ValueError(
+                f"source 'embedded' serves only {sorted(EMBEDDED_REPO_IDS)}, not "
+                f"{self.repo_id!r} / {self.onnx_repo_id!r}: use those repo ids, or source 'hub' "
+                f"for a hub model such as {PHI3_REPO_ID!r}"
+            )
+        return self
 
 
 class OnnxExportSpec(Spec):
@@ -96,7 +114,7 @@ class GenerationSpec(Spec):
 class RegistrySpec(Spec):
     """Registered model names, one per wrapper kind."""
 
-    name_prefix: str = Field(default="phi3-mini", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name_prefix: str = Field(default=TINY_PHI3_NAME_PREFIX, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
     def model_name(self, kind: WrapperKind) -> str:
         return f"{self.name_prefix}-{kind.value}"
@@ -152,6 +170,12 @@ class Settings(Spec):
     @property
     def servers_dir(self) -> Path:
         return self.home / "servers"
+
+    @property
+    def task_results_dir(self) -> Path:
+        """Prefect's persisted task results and cache records (not ~/.prefect: see
+        flows._runtime.task_results_under)."""
+        return self.home / "prefect-results"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

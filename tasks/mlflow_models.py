@@ -29,17 +29,21 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
+from prefect.runtime import flow_run as prefect_flow_run
 
 from slmops import onnx_chat_model, onnx_prompt_model
 from slmops.config import GenerationSpec, OnnxExportSpec, WrapperKind
-from slmops.onnx_builder import OnnxExportError
 from slmops.refs import LoggedModelRef
 from slmops.signatures import expected_signature, input_example
+from tasks.caching import WhileResultIsLive, logged_model_exists
 from tasks.onnx_export import validate_onnx_folder
+from tasks.retrying import retry_if_transient
 
 CANDIDATE_TAG = "slmops.candidate"
 KIND_TAG = "slmops.kind"
 FAILURE_TAG = "slmops.failure"
+# The Prefect flow run that opened the run: how a killed release's runs are found again.
+FLOW_RUN_TAG = "slmops.prefect.flow_run_id"
 SOURCE_KEYS = ("repo", "commit")
 _WRAPPER_FILES = {
     WrapperKind.PROMPT_ONNX: Path(onnx_prompt_model.__file__),
@@ -151,19 +155,17 @@ def _wrapper_code(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry store hiccups (a locked SQLite, an unreachable server), never bad input."""
-    error = state.result(raise_on_failure=False)
-    return not isinstance(error, SnapshotError | OnnxExportError | ValueError)
-
-
-LOG_CACHE_POLICY = INPUTS + TASK_SOURCE + CachePolicy.from_cache_key_fn(_wrapper_code)
+# Reused only while the logged model it returned is still in the store.
+LOG_CACHE_POLICY = WhileResultIsLive(
+    base=INPUTS + TASK_SOURCE + CachePolicy.from_cache_key_fn(_wrapper_code),
+    is_live=lambda ref, inputs: logged_model_exists(inputs["tracking_uri"], ref.model_id),
+)
 _TASK_OPTIONS: dict[str, Any] = dict(
     cache_policy=LOG_CACHE_POLICY,
     persist_result=True,
     retries=2,
     retry_delay_seconds=5,
-    retry_condition_fn=_retry_transient,
+    retry_condition_fn=retry_if_transient,
 )
 
 
@@ -186,7 +188,12 @@ def candidate_run(
         run = client.create_run(
             exp_id,
             run_name=f"log-{kind.value}",
-            tags={**tags, KIND_TAG: kind.value, CANDIDATE_TAG: "pending"},
+            tags={
+                **tags,
+                KIND_TAG: kind.value,
+                CANDIDATE_TAG: "pending",
+                FLOW_RUN_TAG: prefect_flow_run.id or "",
+            },
         )
         run_id = run.info.run_id
         try:

@@ -26,6 +26,7 @@ from prefect import get_run_logger, task
 from prefect.context import get_run_context
 from pydantic import BaseModel, ConfigDict
 
+from slmops.errors import ExplainedError
 from slmops.promotion import (
     CHAMPION,
     RegistryMove,
@@ -36,9 +37,16 @@ from slmops.promotion import (
     staging_state,
 )
 from tasks.mlflow_models import use_tracking_uri
+from tasks.retrying import retry_if_transient
 
 AUDIT_TAG_PREFIX = "slmops.audit."
 SOURCE_MODEL_TAG = "slmops.source_model_uri"
+# On a registered model: the one source repo its versions may come from.
+SOURCE_REPO_TAG = "slmops.source.repo_id"
+
+
+class RegistryConflictError(ExplainedError):
+    """A registered model holds releases of another source repo than the one being registered."""
 
 
 class ModelVersionRef(BaseModel):
@@ -160,7 +168,7 @@ def reach_state(
     return audit
 
 
-@task(retries=2, retry_delay_seconds=2)
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def register_version(
     tracking_uri: str,
     model_uri: str,
@@ -190,6 +198,7 @@ def register_version(
     with registry_lock(locks, name), use_tracking_uri(tracking_uri):
         with contextlib.suppress(MlflowException):
             client.create_registered_model(name)
+        _claim_for_repo(client, name, tags.get(SOURCE_REPO_TAG))
         for existing in client.search_model_versions(f"name='{name}'"):
             if (existing.tags or {}).get(SOURCE_MODEL_TAG) == model_uri:
                 return ModelVersionRef(name=name, version=int(existing.version))
@@ -204,6 +213,24 @@ def register_version(
         )
     get_run_logger().info("Registered %s as %s version %s", model_uri, name, version.version)
     return ModelVersionRef(name=name, version=int(version.version))
+
+
+def _claim_for_repo(client: MlflowClient, name: str, repo_id: str | None) -> None:
+    """Tie registered model `name` to `repo_id` on its first registration; refuse another repo.
+
+    Without this, a release of the embedded tiny model with the real model's registry names
+    would put the tiny model into Production over a real Phi-3-mini release.
+    """
+    if not repo_id:
+        return
+    owner = client.get_registered_model(name).tags.get(SOURCE_REPO_TAG)
+    if owner is None:
+        client.set_registered_model_tag(name, SOURCE_REPO_TAG, repo_id)
+    elif owner != repo_id:
+        raise RegistryConflictError(
+            f"registered model {name!r} holds releases of {owner}, not {repo_id}: nothing was "
+            "registered. Give this model its own registry.name_prefix."
+        )
 
 
 def _promote(

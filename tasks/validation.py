@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.exceptions import MissingContextError
 
+from slmops import expectations, signatures
 from slmops.config import GenerationSpec, WrapperKind
 from slmops.expectations import (
     OutputSuiteSpec,
@@ -41,8 +43,27 @@ from slmops.reports import (
     ValidationReport,
 )
 from slmops.signatures import expected_signature, input_example, signature_diff
+from tasks.caching import WhileResultIsLive, logged_model_exists, run_exists, source_of
 
 VALIDATION_TAG = "slmops.validation"
+
+# A verdict depends on this module's checks, the expectation suite and the expected
+# signatures, not only on the task function's lines; and a cached verdict is reused only while
+# the model (or run) it was about still exists.
+VALIDATION_CACHE_POLICY_SOURCES = source_of(sys.modules[__name__], expectations, signatures)
+VALIDATION_CACHE_POLICY = WhileResultIsLive(
+    base=INPUTS + TASK_SOURCE + VALIDATION_CACHE_POLICY_SOURCES,
+    is_live=lambda report, inputs: logged_model_exists(
+        inputs["tracking_uri"], report.model.model_id
+    ),
+)
+PARITY_CACHE_POLICY = WhileResultIsLive(
+    base=INPUTS + TASK_SOURCE + VALIDATION_CACHE_POLICY_SOURCES,
+    is_live=lambda report, inputs: (
+        not (inputs.get("tracking_uri") and inputs.get("run_id"))
+        or run_exists(inputs["tracking_uri"], inputs["run_id"])
+    ),
+)
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
@@ -277,7 +298,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 # The comparison is a fact about the snapshot's and the export's content (both paths are
 # content-addressed), so an unchanged re-run reuses it instead of loading both runtimes again.
-@task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+@task(cache_policy=PARITY_CACHE_POLICY, persist_result=True)
 def compare_runtimes(
     snapshot_dir: Path,
     onnx_fp32_dir: Path,
@@ -344,7 +365,7 @@ def compare_runtimes(
     return report
 
 
-@task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+@task(cache_policy=VALIDATION_CACHE_POLICY, persist_result=True)
 def validate_model(
     tracking_uri: str,
     model_ref: LoggedModelRef,
