@@ -5,13 +5,10 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows._runtime import run_from_command_line
+from flows._serving import serve_champions
 from slmops.config import RegistrySpec, RollbackConfig, Settings, WrapperKind
-from slmops.families import PHI3
 from tasks.registry import ModelVersionRef, PromotionReport, rollback_version
 from tasks.reporting import publish_table
-from tasks.serving import serve_model
-
-SMOKE_QUESTION = PHI3.smoke_question
 
 
 @flow(name="rollback", flow_run_name="rollback-{config.kind.value}-to-v{config.version}")
@@ -25,18 +22,15 @@ def rollback(config: RollbackConfig) -> PromotionReport:
     settings = Settings.from_env()
     name = config.registry.model_name(config.kind)
     ref = ModelVersionRef(name=name, version=config.version)
-    report = rollback_version(settings.tracking_uri, ref, config.reason, settings.home / "locks")
+    report = rollback_version(settings.tracking_uri, ref, config.reason, settings.lock_dir)
     publish_table(
         "rollback-audit", [e.model_dump() for e in report.audit], f"Registry moves of {name}"
     )
     if config.serve.enabled and config.kind in config.serve.kinds:
-        slot = config.serve.kinds.index(config.kind)
-        result = serve_model(
-            ref.uri, name, config.kind, config.serve.host, config.serve.base_port, slot,
-            settings.servers_dir, settings.tracking_uri, config.serve.startup_timeout_s,
-            SMOKE_QUESTION,
-        )  # fmt: skip
-        get_run_logger().info("%s v%s serving on %s", name, ref.version, result.handle.url)
+        served = serve_champions(config.serve, config.registry, settings, kinds=[config.kind])
+        if config.kind in served:
+            url = served[config.kind].handle.url
+            get_run_logger().info("%s v%s serving on %s", name, ref.version, url)
     return report
 
 

@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
-from tasks.mlflow_models import CANDIDATE_TAG, FAILURE_TAG, FLOW_RUN_TAG
+from slmops import tags
 
 _log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def kill_runs_of(tracking_uri: str, flow_run_id: str, message: str) -> list[str]
     try:
         experiments = [e.experiment_id for e in client.search_experiments()]
         runs = client.search_runs(
-            experiments, filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'"
+            experiments, filter_string=f"tags.`{tags.FLOW_RUN}` = '{flow_run_id}'"
         )
     except MlflowException:
         return []  # the store is gone or moved: nothing there to settle
@@ -137,9 +137,9 @@ def kill_runs_of(tracking_uri: str, flow_run_id: str, message: str) -> list[str]
         if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
             continue
         run_id = run.info.run_id
-        if run.data.tags.get(CANDIDATE_TAG) == "pending":
-            client.set_tag(run_id, CANDIDATE_TAG, "false")
-            client.set_tag(run_id, FAILURE_TAG, message)
+        if run.data.tags.get(tags.CANDIDATE) == "pending":
+            client.set_tag(run_id, tags.CANDIDATE, "false")
+            client.set_tag(run_id, tags.FAILURE, message)
             for model in client.search_logged_models(
                 experiment_ids=[run.info.experiment_id],
                 filter_string=f"source_run_id = '{run_id}'",

@@ -198,7 +198,7 @@ def test_cache_key_ignores_token_and_endpoint_and_needs_a_complete_snapshot(
 def test_fetches_the_embedded_model_and_the_onnx_subfolder(
     prefect_harness: None, fake_hub: FakeHub, embedded_repos: dict[str, Path], tmp_path: Path
 ) -> None:
-    settings = Settings(home=tmp_path, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    settings = Settings(slmops_home=tmp_path)
     spec = HubSpec()
 
     model, onnx_dir = in_flow(
