@@ -33,7 +33,7 @@ os.environ["SLMOPS_EMBEDDED_CACHE"] = str(EMBEDDED_CACHE)  # flows under test bu
 @pytest.fixture(scope="session")
 def embedded_repos() -> dict[str, Path]:
     """repo id -> local folder of the embedded tiny Phi-3 and its ONNX release."""
-    from slmops.embedded import ensure_embedded_repos
+    from offline_kit.embedded import ensure_embedded_repos
 
     return ensure_embedded_repos(EMBEDDED_CACHE)
 
@@ -92,7 +92,7 @@ def prefect_harness():
 @pytest.fixture()
 def fake_hub(embedded_repos: dict[str, Path]):
     """A loopback fake Hugging Face hub serving the embedded repos, fresh (no faults) per test."""
-    from slmops.fake_hub import FakeHub
+    from offline_kit.fake_hub import FakeHub
 
     with FakeHub(embedded_repos) as hub:
         yield hub

@@ -23,8 +23,8 @@ import httpx
 import pytest
 from prefect.logging import disable_run_logger
 
+from offline_kit.tiny_model import chat_prompt
 from slmops.config import GenerationSpec, OnnxExportSpec, WrapperKind
-from slmops.tiny_model import chat_prompt
 from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
 from tasks.registry import register_version
 from tasks.serving import ServerHandle, ask, serve_model, status_of, stop_model_server
