@@ -8,11 +8,13 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel, ConfigDict
 
+from flows._gate import judge_challenger
 from flows._hubs import connect_hub
 from flows._runtime import run_from_command_line, task_results_under
 from flows._serving import serve_champions
 from slmops.config import OnnxExportSpec, ReleaseConfig, Settings, WrapperKind
 from slmops.errors import ExplainedError
+from slmops.eval_sets import EvalSet, load_eval_set
 from slmops.refs import LoggedModelRef, SnapshotRef
 from slmops.reports import (
     ParityReport,
@@ -38,6 +40,10 @@ class ReleaseValidationError(ExplainedError):
     """At least one wrapper failed validation; it was registered but not promoted."""
 
 
+class ReleaseGateError(ExplainedError):
+    """The promotion gate refused at least one validated wrapper; it was registered, not promoted."""
+
+
 def _release_run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -55,14 +61,17 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
 
     Fetches the model pinned to a revision, builds the transformers chat wrapper and the
     onnxruntime-genai wrappers, validates each (signature, serving example, sample outputs),
-    registers every wrapper as a new version, promotes those that passed validation
-    (None -> Staging -> Production, @challenger -> @champion) and serves each Production model.
+    registers every wrapper as a new version, evaluates each validated one against the current
+    champion (the promotion gate), promotes those that passed both (None -> Staging ->
+    Production, @challenger -> @champion) and serves each Production model.
 
     Args:
         config: `hub` picks the model (source `embedded` = the tiny offline Phi-3 on a loopback
             hub; `hub` = the Hugging Face hub), `onnx` the ONNX export (built locally or the hub's
-            release), `generation` the generation defaults, `registry` the model names, `serve`
-            what is served and where, `promote` whether passing versions go to Production.
+            release), `generation` the generation defaults, `evaluation` the evaluation set,
+            `gate` the promotion gate's thresholds, `registry` the model names, `serve` what is
+            served and where, `promote` whether versions that pass validation and the gate go
+            to Production (`force` with `promote_reason`: past a failed gate, audited).
     """
     from prefect.runtime import flow_run
 
@@ -77,6 +86,7 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
 
 
 def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
+    eval_set = load_eval_set(config.evaluation.eval_set)  # a malformed set fails before any work
     with connect_hub(config.hub, settings) as hub:
         snapshot = fetch_model_snapshot(config.hub, hub)
         if config.onnx.source == "hub":
@@ -95,7 +105,7 @@ def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
         )  # fmt: skip
 
     outcomes = {
-        kind: release_wrapper(config, settings, snapshot, ref, parity)
+        kind: release_wrapper(config, settings, snapshot, ref, parity, eval_set)
         for kind, ref in logged.items()
     }
     publish_table(
@@ -127,8 +137,28 @@ def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
         raise ReleaseValidationError(
             f"validation failed for {names}; not promoted:\n"
             + "\n".join(o.validation_summary for o in report.failed)
+            + "".join(
+                f"\n{o.registered_model} v{o.version} {o.gate_summary}" for o in report.refused
+            )
         )
+    if report.refused:
+        raise ReleaseGateError(gate_refusal_message(report.refused))
     return report
+
+
+def gate_refusal_message(refused: list[WrapperOutcome]) -> str:
+    """Which versions the gate refused, on which rules and numbers, and what stayed."""
+    lines = []
+    for o in refused:
+        stays = f"v{o.production_version}" if o.production_version else "nothing"
+        failed = [line for line in o.gate_summary.splitlines()[1:] if line.endswith("FAILED")]
+        lines.append(
+            f"promotion gate refused {o.registered_model} v{o.version} "
+            f"(Production stays {stays}): " + "; ".join(failed)
+        )
+    return "\n".join(
+        [*lines, "registered, not promoted; to promote anyway: promote: force with promote_reason"]
+    )
 
 
 def log_wrappers(
@@ -173,8 +203,10 @@ def release_wrapper(
     snapshot: SnapshotRef,
     ref: LoggedModelRef,
     parity: ParityReport | None,
+    eval_set: EvalSet,
 ) -> WrapperStep:
-    """Validate one logged wrapper, register it, and promote it if it passed."""
+    """Validate one logged wrapper, register it, judge it at the promotion gate, and promote it
+    if it passed both (or the gate was forced)."""
     kind = ref.kind
     report = validate_model(
         settings.tracking_uri, ref, known_answers=config.validation.reference_answers,
@@ -189,8 +221,16 @@ def release_wrapper(
     )
     version = register_version(settings.tracking_uri, ref.model_uri, name, tags, settings.lock_dir)
     promoted = False
-    if report.passed and config.promote:
+    decision = judge_challenger(config, settings, eval_set, ref, version) if report.passed else None
+    if report.passed and config.promote and (decision is None or decision.promote):
         reason = f"release of {snapshot.repo_id}@{snapshot.commit[:12]}: validation passed"
+        if decision is not None and not decision.passed:
+            failures = "; ".join(check.describe() for check in decision.failures)
+            reason = (
+                f"{reason}; FORCED past the promotion gate ({failures}): {config.promote_reason}"
+            )
+        elif decision is not None:
+            reason = f"{reason}, promotion gate passed"
         promotion = promote_version(settings.tracking_uri, version, reason, settings.lock_dir)
         promoted = True
         publish_table(
@@ -208,6 +248,8 @@ def release_wrapper(
         validation_summary=report.summary(),
         promoted=promoted,
         production_version=champion.version if champion else None,
+        gate=decision.verdict if decision else None,
+        gate_summary=decision.summary() if decision else "",
     )
     return WrapperStep(outcome=outcome, validation=report)
 

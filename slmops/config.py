@@ -128,6 +128,33 @@ class GenerationSpec(Spec):
         return self.temperature > 0.0
 
 
+class EvaluationSpec(Spec):
+    """What a challenger is evaluated on before the promotion gate (`slmops.eval_sets`)."""
+
+    # A set shipped in slmops/evalsets/ (`tiny-phi3`: what the embedded model was trained on;
+    # `phi3`: facts, arithmetic and format-following for a real Phi-3), or a .jsonl path.
+    eval_set: str = Field(default="tiny-phi3", min_length=1)
+    # Predict the set in a fresh process, so its peak RSS is the model's own (~3 s more per
+    # model for the start-up); off, memory is not measured and the gate skips that check.
+    measure_memory: bool = False
+
+
+class GateSpec(Spec):
+    """The promotion gate: what the challenger's evaluation must show against the champion's."""
+
+    # Share of evaluation items passed, at least (judged alone on a first release).
+    min_score: float = Field(default=0.9, ge=0.0, le=1.0)
+    # The challenger may score this much below the champion.
+    score_tolerance: float = Field(default=0.02, ge=0.0, le=1.0)
+    # p95 latency may grow by this fraction of the champion's, plus `latency_slack_s`: the
+    # tiny model answers in 0.1-0.9 s per item on a busy 2-core machine (measured), so below a
+    # second scheduling noise exceeds any fraction.
+    latency_tolerance: float = Field(default=0.5, ge=0.0)
+    latency_slack_s: float = Field(default=1.0, ge=0.0)
+    # Peak RSS may grow by this fraction of the champion's (checked where both were measured).
+    rss_tolerance: float = Field(default=0.2, ge=0.0)
+
+
 class RegistrySpec(Spec):
     """Registered model names, one per wrapper kind."""
 
@@ -167,12 +194,30 @@ class ReleaseConfig(Spec):
     onnx: OnnxExportSpec = OnnxExportSpec()
     generation: GenerationSpec = GenerationSpec()
     validation: ValidationSpec = ValidationSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    gate: GateSpec = GateSpec()
     registry: RegistrySpec = RegistrySpec()
     serve: ServeSpec = ServeSpec()
-    promote: bool = True
+    # true: promote versions that pass validation and the gate; false: register only;
+    # "force": promote versions that pass validation even past a failed gate, audited with
+    # `promote_reason`.
+    promote: bool | Literal["force"] = True
+    promote_reason: str = ""
     # Greedy transformers vs onnxruntime-genai fp32, token by token (needs an fp32 export: cheap
     # for the tiny model, ~15 GB for the real Phi-3-mini).
     runtime_parity: bool = True
+
+    @model_validator(mode="after")
+    def _forcing_needs_a_reason(self) -> ReleaseConfig:
+        if self.promote == "force" and len(self.promote_reason.strip()) < 3:
+            raise ValueError(
+                "promote: force needs a promote_reason (who decided, and why), for the audit trail"
+            )
+        return self
+
+    @property
+    def force_promotion(self) -> bool:
+        return self.promote == "force"
 
 
 def sqlite_uri(path: Path) -> str:

@@ -125,6 +125,10 @@ class WrapperOutcome(BaseModel):
     validation_summary: str
     promoted: bool
     production_version: int | None
+    # The promotion gate's verdict (passed | failed | forced), None where it did not run
+    # (validation failed, or the version already was the champion), and its rules.
+    gate: str | None = None
+    gate_summary: str = ""
     endpoint: str | None = None
     sample_answer: str | None = None
 
@@ -140,6 +144,11 @@ class ReleaseReport(BaseModel):
     @property
     def failed(self) -> list[WrapperOutcome]:
         return [o for o in self.outcomes if not o.validation_passed]
+
+    @property
+    def refused(self) -> list[WrapperOutcome]:
+        """Validated versions the promotion gate kept out of Production."""
+        return [o for o in self.outcomes if o.gate == "failed"]
 
 
 def validation_row(name: str, report: ValidationReport) -> dict[str, object]:
@@ -163,12 +172,13 @@ def release_markdown(report: ReleaseReport) -> str:
     lines = [
         f"# Release of `{report.repo_id}` @ `{report.commit[:12]}`",
         "",
-        "| model | version | validation | promoted | Production | endpoint | sample answer |",
-        "|---|---|---|---|---|---|---|",
+        "| model | version | validation | gate | promoted | Production | endpoint | sample answer |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for o in report.outcomes:
         lines.append(
             f"| {o.registered_model} | {o.version} | {'passed' if o.validation_passed else 'FAILED'} | "
+            f"{o.gate or '-'} | "
             f"{'yes' if o.promoted else 'no'} | {o.production_version or '-'} | {o.endpoint or '-'} | "
             f"{(o.sample_answer or '-')[:80]} |"
         )

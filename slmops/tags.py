@@ -14,6 +14,7 @@ FLOW_RUN = "slmops.prefect.flow_run_id"  # the Prefect flow run that opened the 
 VALIDATION = "slmops.validation"  # passed | failed (and `.summary`)
 VALIDATION_SUMMARY = "slmops.validation.summary"
 PARITY = "slmops.parity"  # passed | failed
+EVALUATION_SET = "slmops.evaluation.set"  # <set name>@<digest>: what the model was evaluated on
 SOURCE_PREFIX = "slmops.source."  # + repo, commit: where the weights came from
 
 # On registered model versions.
@@ -23,9 +24,20 @@ SOURCE_MODEL_URI = "slmops.source_model_uri"  # the logged model a version was r
 ONNX_OPTIONS = "slmops.onnx"
 VALIDATION_PASSED = "slmops.validation.passed"  # true | false: the promotion guard reads it
 AUDIT_PREFIX = "slmops.audit."  # + timestamp: one registry move each
+EVALUATION_PREFIX = "slmops.evaluation."  # + set name: the version's Evaluation as JSON
+
+# On runs and registered versions: the promotion gate's decision.
+GATE = "slmops.gate"  # passed | failed | forced; `slmops.gate.<metric>`: one rule each
+GATE_SUMMARY = "slmops.gate.summary"
+GATE_OVERRIDE = "slmops.gate.override_reason"  # why `promote: force` promoted past the gate
 
 # MLflow caps tag values at 5000 characters (8000 on newer stores): summaries are cut to fit.
 MAX_VALUE_CHARS = 4000
+
+
+def evaluation_tag(eval_set: str) -> str:
+    """The version tag holding its evaluation on `eval_set`."""
+    return f"{EVALUATION_PREFIX}{eval_set}"
 
 
 def version_tags(
