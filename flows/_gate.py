@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from slmops.config import ReleaseConfig, Settings
+from collections.abc import Iterable, Mapping
+
+from slmops.config import ReleaseConfig, Settings, WrapperKind
 from slmops.eval_sets import EvalSet
 from slmops.gate import GateDecision, changed_answers, decide
 from slmops.refs import LoggedModelRef, ModelVersionRef
@@ -10,6 +12,7 @@ from tasks.evaluation import (
     evaluate_champion,
     evaluate_model,
     item_results,
+    log_answer_agreement,
     record_evaluation,
     record_gate_decision,
 )
@@ -59,3 +62,23 @@ def judge_challenger(
             f"Items answered differently by {version.uri} and champion v{champion_ref.version}",  # type: ignore[union-attr]
         )
     return decision
+
+
+def compare_wrapper_answers(
+    config: ReleaseConfig,
+    settings: Settings,
+    eval_set: EvalSet,
+    logged: Mapping[WrapperKind, LoggedModelRef],
+    evaluated: Iterable[WrapperKind],
+) -> None:
+    """Log how often each ONNX wrapper answers like the transformers one on the set's items (the
+    evaluations are the gate's, reused from the task cache)."""
+    kinds = set(evaluated)
+    reference_kind = WrapperKind.CHAT_TRANSFORMERS
+    if reference_kind not in kinds:
+        return
+    uri, measure_memory = settings.tracking_uri, config.evaluation.measure_memory
+    reference = evaluate_model(uri, logged[reference_kind], eval_set, measure_memory)
+    for kind in sorted(kinds - {reference_kind}):
+        evaluation = evaluate_model(uri, logged[kind], eval_set, measure_memory)
+        log_answer_agreement(uri, logged[kind], reference, evaluation)

@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel, ConfigDict
 
-from flows._gate import judge_challenger
+from flows._gate import compare_wrapper_answers, judge_challenger
 from flows._hubs import connect_hub
 from flows._runtime import run_from_command_line, task_results_under
 from flows._serving import serve_champions
@@ -108,6 +108,10 @@ def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
         kind: release_wrapper(config, settings, snapshot, ref, parity, eval_set)
         for kind, ref in logged.items()
     }
+    compare_wrapper_answers(
+        config, settings, eval_set, logged,
+        evaluated=[kind for kind, step in outcomes.items() if step.outcome.validation_passed],
+    )  # fmt: skip
     publish_table(
         "validation-results",
         [validation_row(o.registered_model, o.validation) for o in outcomes.values()],

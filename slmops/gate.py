@@ -265,3 +265,14 @@ def _change(before: bool, after: bool) -> str:
     if before == after:
         return "same verdict"
     return "fixed" if after else "broken"
+
+
+def answer_agreement(reference: Sequence[ItemResult], other: Sequence[ItemResult]) -> float | None:
+    """The share of the items both answered on which `other` gives the same answer as
+    `reference` (e.g. the int4 ONNX wrapper against the transformers one); None if none shared."""
+    answers = {r.id: r.answer for r in reference if r.answer is not None}
+    shared = [r for r in other if r.id in answers and r.answer is not None]
+    if not shared:
+        return None
+    same = sum((r.answer or "").strip() == (answers[r.id] or "").strip() for r in shared)
+    return same / len(shared)

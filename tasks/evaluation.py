@@ -386,6 +386,28 @@ def record_gate_decision(
                 )
 
 
+@task
+def log_answer_agreement(
+    tracking_uri: str,
+    model_ref: LoggedModelRef,
+    reference: Evaluation,
+    evaluation: Evaluation,
+) -> float | None:
+    """Log on `model_ref`'s run how often its answers equal the reference wrapper's on the same
+    items (`eval.agreement_with_transformers`): what int4 and the ONNX runtime changed."""
+    agreement = gate.answer_agreement(
+        item_results(tracking_uri, reference), item_results(tracking_uri, evaluation)
+    )
+    if agreement is not None:
+        MlflowClient(tracking_uri).log_metric(
+            model_ref.run_id,
+            "eval.agreement_with_transformers",
+            agreement,
+            model_id=model_ref.model_id,
+        )
+    return agreement
+
+
 def _main(argv: Sequence[str]) -> None:
     folder, kind, given, answers = argv
     items = [EvalItem.model_validate(item) for item in json.loads(Path(given).read_text())]

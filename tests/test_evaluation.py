@@ -3,6 +3,7 @@ SQLite, the tiny model)."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -10,7 +11,9 @@ from mlflow import MlflowClient
 
 from slmops.config import WrapperKind
 from slmops.eval_sets import load_eval_set
-from tasks.evaluation import evaluate_model, item_results
+from slmops.refs import ModelVersionRef
+from tasks.evaluation import evaluate_champion, evaluate_model, item_results, recorded_evaluation
+from tasks.mlflow_models import use_tracking_uri
 
 pytestmark = pytest.mark.integration
 
@@ -28,3 +31,50 @@ def test_the_tiny_model_passes_its_own_set(store, logged, kind):
     assert evaluation.latency_p95_s > 0 and evaluation.peak_rss_mb is None
     metrics = MlflowClient(store).get_run(ref.run_id).data.metrics
     assert metrics["eval.score"] == 1.0 and metrics["exact_match/mean"] == 1.0
+
+
+def test_a_wrong_answer_fails_its_item_through_mlflow(store, logged, tmp_path):
+    # The set with one reference answer perturbed: the model's (right) answer must now fail.
+    lines = load_eval_set("tiny-phi3").model_dump()["items"]
+    lines[0]["check"]["answer"] = "The capital of Spain is Barcelona."
+    path = tmp_path / "perturbed.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    ref = logged[WrapperKind.PROMPT_ONNX]
+    evaluation = evaluate_model.fn(store, ref, load_eval_set(str(path)))
+    assert (evaluation.passed, evaluation.items) == (7, 8)
+    failed = [r for r in item_results(store, evaluation) if not r.passed]
+    assert [r.id for r in failed] == [lines[0]["id"]]
+    assert failed[0].answer == "The capital of Spain is Madrid."
+    assert "Barcelona" in failed[0].rationale and failed[0].scorer == "exact_match"
+
+
+def test_memory_is_measured_in_a_fresh_process(store, logged):
+    ref = logged[WrapperKind.PROMPT_ONNX]
+    evaluation = evaluate_model.fn(store, ref, load_eval_set("tiny-phi3"), measure_memory=True)
+    assert evaluation.score == 1.0
+    # The peak of a Python process with MLflow and onnxruntime-genai loaded.
+    assert evaluation.peak_rss_mb is not None and 100 < evaluation.peak_rss_mb < 4000
+    metrics = MlflowClient(store).get_run(ref.run_id).data.metrics
+    assert metrics["eval.peak_rss_mb"] == evaluation.peak_rss_mb
+
+
+def test_a_champion_without_a_recorded_evaluation_is_evaluated_once(store, logged):
+    # A champion promoted before the gate existed: evaluated on first need, then reused.
+    ref = logged[WrapperKind.CHAT_ONNX]
+    name = "gate-test-chat-onnx"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    client.create_registered_model(name)
+    with use_tracking_uri(store):
+        client.create_model_version(
+            name, source=ref.model_uri, run_id=ref.run_id, model_id=ref.model_id
+        )
+    champion, eval_set = ModelVersionRef(name=name, version=1), load_eval_set("tiny-phi3")
+    assert recorded_evaluation(store, champion, eval_set) is None
+    first = evaluate_champion.fn(store, champion, ref.kind, eval_set)
+    assert first.score == 1.0 and recorded_evaluation(store, champion, eval_set) == first
+    evaluations = len(client.get_metric_history(ref.run_id, "eval.score"))
+    assert evaluate_champion.fn(store, champion, ref.kind, eval_set) == first
+    assert len(client.get_metric_history(ref.run_id, "eval.score")) == evaluations
+    # Another set (or the same name with other content) is another evaluation.
+    other = eval_set.model_copy(update={"digest": "0" * 64})
+    assert recorded_evaluation(store, champion, other) is None

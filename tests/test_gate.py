@@ -9,7 +9,14 @@ import pytest
 from slmops.config import GateSpec, ReleaseConfig, WrapperKind
 from slmops.eval_sets import EvalSetError, builtin_eval_sets, load_eval_set, parse_eval_set
 from slmops.families import PHI3
-from slmops.gate import Evaluation, ItemResult, changed_answers, decide, percentile
+from slmops.gate import (
+    Evaluation,
+    ItemResult,
+    answer_agreement,
+    changed_answers,
+    decide,
+    percentile,
+)
 from slmops.scorers import (
     SCORER_OF,
     ContainsCheck,
@@ -237,6 +244,19 @@ def test_changed_answers_lists_only_items_that_changed():
     challenger = [result("a", "Madrid", True), result("b", "Paris", False), result("c", "y", True)]
     rows = changed_answers(champion, challenger)
     assert [(r["item"], r["change"]) for r in rows] == [("b", "broken"), ("c", "fixed")]
+
+
+def test_answer_agreement_counts_the_items_both_answered():
+    def result(item, answer):
+        return ItemResult(
+            id=item, question="q", answer=answer, passed=True, scorer="contains",
+            rationale="", latency_s=0.1,
+        )  # fmt: skip
+
+    reference = [result("a", "Madrid"), result("b", "Rome"), result("c", None), result("d", "x")]
+    onnx = [result("a", "Madrid "), result("b", "Paris"), result("c", "y")]
+    assert answer_agreement(reference, onnx) == 0.5  # a and b compared; c unanswered; d not asked
+    assert answer_agreement(reference, []) is None
 
 
 # Configuration
