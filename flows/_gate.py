@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from slmops.config import ReleaseConfig, Settings, WrapperKind
 from slmops.eval_sets import EvalSet
-from slmops.gate import GateDecision, changed_answers, decide
+from slmops.gate import Evaluation, GateDecision, changed_answers, decide
 from slmops.refs import LoggedModelRef, ModelVersionRef
 from tasks.evaluation import (
     evaluate_champion,
@@ -26,17 +26,17 @@ def judge_challenger(
     eval_set: EvalSet,
     ref: LoggedModelRef,
     version: ModelVersionRef,
-) -> GateDecision | None:
+) -> tuple[Evaluation, GateDecision | None]:
     """Evaluate a validated version and decide whether it may replace the champion.
 
-    None when the version already is the champion (an unchanged re-run): nothing to decide.
+    The decision is None when the version already is the champion (an unchanged re-run).
     """
     uri, measure_memory = settings.tracking_uri, config.evaluation.measure_memory
     challenger = evaluate_model(uri, ref, eval_set, measure_memory)
     record_evaluation(uri, version, challenger)
     champion_ref = champion_version(uri, version.name)
     if champion_ref is not None and champion_ref.version == version.version:
-        return None
+        return challenger, None
     champion = (
         evaluate_champion(uri, champion_ref, ref.kind, eval_set, measure_memory)
         if champion_ref is not None
@@ -61,24 +61,20 @@ def judge_challenger(
             changed_answers(item_results(uri, champion), item_results(uri, challenger)),
             f"Items answered differently by {version.uri} and champion v{champion_ref.version}",  # type: ignore[union-attr]
         )
-    return decision
+    return challenger, decision
 
 
 def compare_wrapper_answers(
-    config: ReleaseConfig,
     settings: Settings,
-    eval_set: EvalSet,
     logged: Mapping[WrapperKind, LoggedModelRef],
-    evaluated: Iterable[WrapperKind],
+    evaluations: Mapping[WrapperKind, Evaluation],
 ) -> None:
-    """Log how often each ONNX wrapper answers like the transformers one on the set's items (the
-    evaluations are the gate's, reused from the task cache)."""
-    kinds = set(evaluated)
-    reference_kind = WrapperKind.CHAT_TRANSFORMERS
-    if reference_kind not in kinds:
-        return
-    uri, measure_memory = settings.tracking_uri, config.evaluation.measure_memory
-    reference = evaluate_model(uri, logged[reference_kind], eval_set, measure_memory)
-    for kind in sorted(kinds - {reference_kind}):
-        evaluation = evaluate_model(uri, logged[kind], eval_set, measure_memory)
-        log_answer_agreement(uri, logged[kind], reference, evaluation)
+    """Log how often each ONNX wrapper answers like the transformers one on the set's items."""
+    reference = evaluations.get(WrapperKind.CHAT_TRANSFORMERS)
+    others = [
+        (logged[kind], evaluation)
+        for kind, evaluation in evaluations.items()
+        if kind is not WrapperKind.CHAT_TRANSFORMERS
+    ]
+    if reference is not None and others:
+        log_answer_agreement(settings.tracking_uri, reference, others)

@@ -15,6 +15,7 @@ from flows._serving import serve_champions
 from slmops.config import OnnxExportSpec, ReleaseConfig, Settings, WrapperKind
 from slmops.errors import ExplainedError
 from slmops.eval_sets import EvalSet, load_eval_set
+from slmops.gate import Evaluation
 from slmops.refs import LoggedModelRef, SnapshotRef
 from slmops.reports import (
     ParityReport,
@@ -109,8 +110,8 @@ def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
         for kind, ref in logged.items()
     }
     compare_wrapper_answers(
-        config, settings, eval_set, logged,
-        evaluated=[kind for kind, step in outcomes.items() if step.outcome.validation_passed],
+        settings, logged,
+        {kind: step.evaluation for kind, step in outcomes.items() if step.evaluation is not None},
     )  # fmt: skip
     publish_table(
         "validation-results",
@@ -145,7 +146,7 @@ def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
                 f"\n{o.registered_model} v{o.version} {o.gate_summary}" for o in report.refused
             )
         )
-    if report.refused:
+    if report.refused and config.promote:
         raise ReleaseGateError(gate_refusal_message(report.refused))
     return report
 
@@ -191,6 +192,7 @@ class WrapperStep(BaseModel):
 
     outcome: WrapperOutcome
     validation: ValidationReport
+    evaluation: Evaluation | None = None  # None: not evaluated (validation failed)
 
     @property
     def registered_model(self) -> str:
@@ -225,7 +227,11 @@ def release_wrapper(
     )
     version = register_version(settings.tracking_uri, ref.model_uri, name, tags, settings.lock_dir)
     promoted = False
-    decision = judge_challenger(config, settings, eval_set, ref, version) if report.passed else None
+    evaluation, decision = (
+        judge_challenger(config, settings, eval_set, ref, version)
+        if report.passed
+        else (None, None)
+    )
     if report.passed and config.promote and (decision is None or decision.promote):
         reason = f"release of {snapshot.repo_id}@{snapshot.commit[:12]}: validation passed"
         if decision is not None and not decision.passed:
@@ -255,7 +261,7 @@ def release_wrapper(
         gate=decision.verdict if decision else None,
         gate_summary=decision.summary() if decision else "",
     )
-    return WrapperStep(outcome=outcome, validation=report)
+    return WrapperStep(outcome=outcome, validation=report, evaluation=evaluation)
 
 
 def load_config(argument: str | None) -> ReleaseConfig:

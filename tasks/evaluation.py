@@ -388,24 +388,24 @@ def record_gate_decision(
 
 @task
 def log_answer_agreement(
-    tracking_uri: str,
-    model_ref: LoggedModelRef,
-    reference: Evaluation,
-    evaluation: Evaluation,
-) -> float | None:
-    """Log on `model_ref`'s run how often its answers equal the reference wrapper's on the same
-    items (`eval.agreement_with_transformers`): what int4 and the ONNX runtime changed."""
-    agreement = gate.answer_agreement(
-        item_results(tracking_uri, reference), item_results(tracking_uri, evaluation)
-    )
-    if agreement is not None:
-        MlflowClient(tracking_uri).log_metric(
-            model_ref.run_id,
-            "eval.agreement_with_transformers",
-            agreement,
-            model_id=model_ref.model_id,
-        )
-    return agreement
+    tracking_uri: str, reference: Evaluation, others: list[tuple[LoggedModelRef, Evaluation]]
+) -> dict[str, float | None]:
+    """Log on each other model's run how often its answers equal the reference wrapper's on the
+    same items (`eval.agreement_with_transformers`): what int4 and the ONNX runtime changed."""
+    reference_items = item_results(tracking_uri, reference)
+    client = MlflowClient(tracking_uri)
+    agreements: dict[str, float | None] = {}
+    for model_ref, evaluation in others:
+        agreement = gate.answer_agreement(reference_items, item_results(tracking_uri, evaluation))
+        agreements[model_ref.model_uri] = agreement
+        if agreement is not None:
+            client.log_metric(
+                model_ref.run_id,
+                "eval.agreement_with_transformers",
+                agreement,
+                model_id=model_ref.model_id,
+            )
+    return agreements
 
 
 def _main(argv: Sequence[str]) -> None:
