@@ -110,7 +110,7 @@ class GateCheck(_Frozen):
         against = "" if self.champion is None else f" (champion {self.champion:.4g})"
         verdict = "ok" if self.passed else "FAILED"
         return (
-            f"{self.metric}: {self.value:.4g} {self.comparison} {self.threshold:.4g}"
+            f"{self.metric}: {self.value:.4g}, needs {self.comparison} {self.threshold:.4g}"
             f"{against}: {verdict}"
         )
 

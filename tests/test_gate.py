@@ -165,7 +165,7 @@ def test_a_first_release_is_judged_on_the_floor_alone():
     failing = decide(_evaluation(passed=4), None, SPEC)
     assert not failing.passed and not failing.promote
     assert [c.metric for c in failing.failures] == ["score_floor"]
-    assert "score_floor: 0.4 >= 0.5: FAILED" in failing.summary()
+    assert "score_floor: 0.4, needs >= 0.5: FAILED" in failing.summary()
 
 
 def test_an_equal_or_better_challenger_passes():
@@ -181,17 +181,17 @@ def test_an_equal_or_better_challenger_passes():
         (
             _evaluation(passed=6),
             "score_vs_champion",
-            "score_vs_champion: 0.6 >= 0.7 (champion 0.8): FAILED",
+            "score_vs_champion: 0.6, needs >= 0.7 (champion 0.8): FAILED",
         ),
         (
             _evaluation(passed=8, p95=1.21),
             "latency_p95_s",
-            "latency_p95_s: 1.21 <= 1.2 (champion 1): FAILED",
+            "latency_p95_s: 1.21, needs <= 1.2 (champion 1): FAILED",
         ),
         (
             _evaluation(passed=8, rss=1101.0),
             "peak_rss_mb",
-            "peak_rss_mb: 1101 <= 1100 (champion 1000): FAILED",
+            "peak_rss_mb: 1101, needs <= 1100 (champion 1000): FAILED",
         ),
     ],
 )

@@ -65,7 +65,7 @@ def test_a_first_release_is_judged_against_the_floor_alone(settings):
         assert "no champion (floor only)" in outcome.gate_summary
         found = version_tags(settings, outcome.registered_model, 1)
         assert found[tags.GATE] == "passed"
-        assert found[f"{tags.GATE}.score_floor"] == "score_floor: 1 >= 0.9: ok"
+        assert found[f"{tags.GATE}.score_floor"] == "score_floor: 1, needs >= 0.9: ok"
         assert found[f"{tags.GATE}.score_vs_champion"].endswith("not checked (no champion)")
         run = client(settings).get_run(
             client(settings).get_model_version(outcome.registered_model, "1").run_id
@@ -90,8 +90,10 @@ def test_a_degraded_challenger_is_refused_and_production_stays(settings):
     for name in NAMES.values():
         assert f"promotion gate refused {name} v2 (Production stays v1)" in message
     # The metric and the numbers: the challenger's score against the floor and the champion's.
-    assert re.search(r"score_floor: 0(\.\d+)? >= 0\.9: FAILED", message), message
-    assert re.search(r"score_vs_champion: 0(\.\d+)? >= 0\.98 \(champion 1\): FAILED", message)
+    assert re.search(r"score_floor: 0(\.\d+)?, needs >= 0\.9: FAILED", message), message
+    assert re.search(
+        r"score_vs_champion: 0(\.\d+)?, needs >= 0\.98 \(champion 1\): FAILED", message
+    )
 
     for name, state_now in registry(settings).items():
         assert state_now.stages == {1: "Production", 2: "None"}
