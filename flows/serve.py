@@ -88,4 +88,5 @@ if __name__ == "__main__":
     import sys
 
     action = sys.argv[1] if len(sys.argv) > 1 else "status"
-    print(json.dumps(serve(ServeFlowConfig(action=action)), indent=2))
+    # Validated like a deployment's parameters: an unknown action is a clear error.
+    print(json.dumps(serve(ServeFlowConfig.model_validate({"action": action})), indent=2))
