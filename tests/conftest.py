@@ -24,10 +24,24 @@ os.environ.pop("HF_TOKEN", None)
 
 import pytest  # noqa: E402
 
+from tests.support.checkout import state_in  # noqa: E402
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
 # The tiny model takes ~20 s to build; it is deterministic, so one build per machine serves all
 # test sessions (CI's fresh clone builds it once).
 EMBEDDED_CACHE = Path(os.environ.get("SLMOPS_TEST_CACHE", Path.home() / ".cache" / "slmops-tests"))
 os.environ["SLMOPS_EMBEDDED_CACHE"] = str(EMBEDDED_CACHE)  # flows under test build it there too
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean() -> Iterator[None]:
+    """Fails the session (an error at the last teardown) if it left MLflow or slmops state in
+    the checkout: tests write under tmp only. State that was there before is not the tests'."""
+    before = state_in(CHECKOUT)
+    yield
+    gained = sorted(str(path) for path in state_in(CHECKOUT) - before)
+    assert not gained, f"the tests wrote into the checkout: {gained}"
 
 
 @pytest.fixture(scope="session")

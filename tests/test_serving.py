@@ -12,7 +12,7 @@ from prefect.logging import disable_run_logger
 
 from slmops.config import WrapperKind
 from tasks.serving import ask, serve_model, status_of, stop_model_server
-from tests.test_registry import register
+from tests.support.echo_versions import register
 
 pytestmark = pytest.mark.e2e
 
