@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,15 +68,34 @@ def tiny_onnx_int4_dir(embedded_repos: dict[str, Path]) -> Path:
     return embedded_repos[PHI3_ONNX_REPO_ID] / PHI3_ONNX_INT4_SUBFOLDER
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    """One MLflow SQLite store for all the tests of a module."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite database, created once: MLflow's schema migrations take ~5 s per
+    new database here, so each test's store starts as a copy of this one."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    database = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    # The Default experiment's artifact root is fixed here: under tmp, not ./mlruns.
+    SqlAlchemyStore(f"sqlite:///{database}", (database.parent / "mlruns").as_uri())
+    return database
 
 
-@pytest.fixture(scope="module")
+def new_store(folder: Path, empty_store: Path) -> str:
+    """The tracking URI of a new, empty MLflow SQLite store in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(empty_store, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory, empty_store) -> str:
+    """One MLflow SQLite store for the tests that read the `logged` wrappers (and add their own)."""
+    return new_store(tmp_path_factory.mktemp("mlflow"), empty_store)
+
+
+@pytest.fixture(scope="session")
 def logged(store, tiny_model_dir, tiny_onnx_int4_dir):
-    """The three wrappers of the embedded model, logged once per module into `store`."""
+    """The three wrappers of the embedded model, logged once per session into `store`."""
     from slmops.config import GenerationSpec, OnnxExportSpec
     from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
 
@@ -89,9 +110,9 @@ def logged(store, tiny_model_dir, tiny_onnx_int4_dir):
 
 
 @pytest.fixture()
-def tracking_uri(tmp_path: Path) -> str:
+def tracking_uri(tmp_path: Path, empty_store: Path) -> str:
     """A fresh MLflow tracking + registry store on SQLite for one test."""
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return new_store(tmp_path, empty_store)
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +122,59 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+# The session's release: every wrapper served, with the front door. No fp32 export for runtime
+# parity: test_release_flow's release and test_validation check parity.
+SHARED_RELEASE_CONFIG = {"runtime_parity": False}
+
+
+@pytest.fixture(scope="session")
+def released(tmp_path_factory, prefect_harness, embedded_repos):
+    """One real release for the session, run as operators run it (`python -m flows.release`,
+    HF_TOKEN set, reporting to the session's Prefect server): the three wrappers validated,
+    registered, promoted and served by `mlflow models serve`, the front door in front of them.
+
+    The bad-request, front-door and reliability tests share it. A test that changes what is
+    served (kills a server, switches a version, releases again) puts the champions back
+    (`ReleaseHome.restore_serving`) or restores what it changed, so any order of tests works.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    from slmops.config import ReleaseConfig, Settings, WrapperKind
+    from tasks.serving import stop_front_door, stop_model_server
+    from tests.support.consistency import servers_of_store
+    from tests.support.release_home import ReleaseHome, release_env
+
+    root = tmp_path_factory.mktemp("release-home")
+    outputs = root / "test-output"
+    outputs.mkdir()
+    config = ReleaseConfig.model_validate(SHARED_RELEASE_CONFIG)
+    home = ReleaseHome(
+        settings=Settings.from_env({"SLMOPS_HOME": str(root)}),
+        env=release_env(root, str(PREFECT_API_URL.value())),
+        outputs=outputs,
+        names={kind: config.registry.model_name(kind) for kind in WrapperKind},
+    )
+    try:
+        report = home.finish("first", home.start("first", config.model_dump_json()))
+        assert {o["registered_model"] for o in report["outcomes"]} == set(home.names.values())
+        assert all(o["promoted"] for o in report["outcomes"]), report
+        yield home
+    finally:
+        stop_front_door(home.settings.servers_dir)
+        for name in home.names.values():
+            stop_model_server(home.settings.servers_dir, name)
+        for orphan in servers_of_store(home.settings.tracking_uri):
+            os.killpg(orphan.pid, signal.SIGKILL)
+
+
+@pytest.fixture()
+def restores_serving(released):
+    """For a test that changes what `released` serves: afterwards, passed or failed, every
+    champion is served again, with the front door (healthy servers are kept)."""
+    yield released
+    released.restore_serving()
 
 
 @pytest.fixture()

@@ -26,6 +26,9 @@ def log_echo_model(tracking_uri: str) -> str:
             name="echo",
             python_model=str(ECHO_MODEL),
             signature=infer_signature({"prompt": "hi"}, ["echo: hi"]),
+            # Given, not inferred: MLflow infers requirements by loading the model in a
+            # subprocess (~3.5 s a model here); served with --env-manager local, they are unused.
+            pip_requirements=["mlflow"],
         )
     return info.model_uri
 
