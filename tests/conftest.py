@@ -8,6 +8,7 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # Before anything imports prefect or mlflow: keep their state out of ~ and stay quiet offline.
@@ -142,7 +143,7 @@ def released(tmp_path_factory, prefect_harness, embedded_repos):
     from prefect.settings import PREFECT_API_URL
 
     from slmops.config import ReleaseConfig, Settings, WrapperKind
-    from tasks.serving import stop_front_door, stop_model_server
+    from tasks.serving import served_names, stop_front_door, stop_model_server
     from tests.support.consistency import servers_of_store
     from tests.support.release_home import ReleaseHome, release_env
 
@@ -162,11 +163,14 @@ def released(tmp_path_factory, prefect_harness, embedded_repos):
         assert all(o["promoted"] for o in report["outcomes"]), report
         yield home
     finally:
-        stop_front_door(home.settings.servers_dir)
-        for name in home.names.values():
-            stop_model_server(home.settings.servers_dir, name)
+        servers = home.settings.servers_dir
+        with ThreadPoolExecutor() as pool:  # each waits for its process group to exit
+            stops = [pool.submit(stop_front_door, servers)]
+            stops += [pool.submit(stop_model_server, servers, n) for n in served_names(servers)]
         for orphan in servers_of_store(home.settings.tracking_uri):
             os.killpg(orphan.pid, signal.SIGKILL)
+        for stop in stops:
+            stop.result()
 
 
 @pytest.fixture()
