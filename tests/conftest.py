@@ -10,6 +10,11 @@ import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from subprocess import Popen
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.support.release_home import ReleaseHome
 
 # Before anything imports prefect or mlflow: keep their state out of ~ and stay quiet offline.
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="slmops-tests-"))
@@ -130,16 +135,23 @@ def prefect_harness():
 SHARED_RELEASE_CONFIG = {"runtime_parity": False}
 
 
-@pytest.fixture(scope="session")
-def released(tmp_path_factory, prefect_harness, embedded_repos):
-    """One real release for the session, run as operators run it (`python -m flows.release`,
-    HF_TOKEN set, reporting to the session's Prefect server): the three wrappers validated,
-    registered, promoted and served by `mlflow models serve`, the front door in front of them.
+def _uses_shared_release(item: pytest.Item) -> bool:
+    return "released" in getattr(item, "fixturenames", ())
 
-    The bad-request, front-door and reliability tests share it. A test that changes what is
-    served (kills a server, switches a version, releases again) puts the champions back
-    (`ReleaseHome.restore_serving`) or restores what it changed, so any order of tests works.
-    """
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The shared release starts in the background with the session's first test
+    # (`release_started`); the tests on it run last, when it is ready. Otherwise the order holds.
+    items.sort(key=_uses_shared_release)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def release_started(request, tmp_path_factory) -> Iterator[tuple[ReleaseHome, Popen] | None]:
+    """The shared release's process, started with the session's first test when a selected test
+    uses `released` (else None); at the end, every server it started is stopped."""
+    if not any(_uses_shared_release(item) for item in request.session.items):
+        yield None
+        return
     from prefect.settings import PREFECT_API_URL
 
     from slmops.config import ReleaseConfig, Settings, WrapperKind
@@ -147,6 +159,8 @@ def released(tmp_path_factory, prefect_harness, embedded_repos):
     from tests.support.consistency import servers_of_store
     from tests.support.release_home import ReleaseHome, release_env
 
+    request.getfixturevalue("prefect_harness")
+    request.getfixturevalue("embedded_repos")
     root = tmp_path_factory.mktemp("release-home")
     outputs = root / "test-output"
     outputs.mkdir()
@@ -157,12 +171,13 @@ def released(tmp_path_factory, prefect_harness, embedded_repos):
         outputs=outputs,
         names={kind: config.registry.model_name(kind) for kind in WrapperKind},
     )
+    proc = home.start("first", config.model_dump_json())
     try:
-        report = home.finish("first", home.start("first", config.model_dump_json()))
-        assert {o["registered_model"] for o in report["outcomes"]} == set(home.names.values())
-        assert all(o["promoted"] for o in report["outcomes"]), report
-        yield home
+        yield home, proc
     finally:
+        if proc.poll() is None:  # the session ended before a test needed it
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         servers = home.settings.servers_dir
         with ThreadPoolExecutor() as pool:  # each waits for its process group to exit
             stops = [pool.submit(stop_front_door, servers)]
@@ -171,6 +186,24 @@ def released(tmp_path_factory, prefect_harness, embedded_repos):
             os.killpg(orphan.pid, signal.SIGKILL)
         for stop in stops:
             stop.result()
+
+
+@pytest.fixture(scope="session")
+def released(release_started: tuple[ReleaseHome, Popen] | None) -> ReleaseHome:
+    """One real release for the session, run as operators run it (`python -m flows.release`,
+    HF_TOKEN set, reporting to the session's Prefect server): the three wrappers validated,
+    registered, promoted and served by `mlflow models serve`, the front door in front of them.
+
+    The bad-request, front-door and reliability tests share it. A test that changes what is
+    served (kills a server, switches a version, releases again) puts the champions back
+    (`ReleaseHome.restore_serving`) or restores what it changed, so any order of tests works.
+    """
+    assert release_started is not None  # started for every session with a test on it
+    home, proc = release_started
+    report = home.finish("first", proc)
+    assert {o["registered_model"] for o in report["outcomes"]} == set(home.names.values())
+    assert all(o["promoted"] for o in report["outcomes"]), report
+    return home
 
 
 @pytest.fixture()
