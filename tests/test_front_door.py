@@ -242,7 +242,7 @@ def served(released: ReleaseHome, tiny_onnx_int4_dir: Path) -> SimpleNamespace:
     def log_onnx():
         return log_onnx_chat_model.fn(
             store, EXPERIMENT, tiny_onnx_int4_dir, GenerationSpec(max_new_tokens=32),
-            OnnxExportSpec(), {"repo": "microsoft/Phi-3-mini-4k-instruct", "commit": "0123abcd"},
+            OnnxExportSpec(), {"repo": "slmops/tiny-phi3", "commit": "0123abcd"},
         )  # fmt: skip
 
     def serve(kind: WrapperKind, uri: str):

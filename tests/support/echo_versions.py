@@ -10,8 +10,9 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 from prefect.logging import disable_run_logger
 
+from slmops.refs import ModelVersionRef
 from tasks.mlflow_models import experiment_id, use_tracking_uri
-from tasks.registry import ModelVersionRef, register_version
+from tasks.registry import register_version
 
 ECHO_MODEL = Path(__file__).with_name("echo_model.py")
 
