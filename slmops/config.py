@@ -75,6 +75,15 @@ class HubSpec(Spec):
             raise ValueError(f"repo id must look like 'owner/name', got {value!r}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _hub_defaults_to_phi3(cls, data: Any) -> Any:
+        # The defaults are the embedded repos; `source: hub` without repo ids means the real
+        # Phi-3-mini, not repos that exist only embedded.
+        if isinstance(data, dict) and data.get("source") == "hub":
+            data = {"repo_id": PHI3_REPO_ID, "onnx_repo_id": PHI3_ONNX_REPO_ID, **data}
+        return data
+
     @model_validator(mode="after")
     def _embedded_repos_only(self) -> HubSpec:
         # The loopback fake hub serves the embedded repos and nothing else.
@@ -128,6 +137,14 @@ class RegistrySpec(Spec):
         return f"{self.name_prefix}-{kind.value}"
 
 
+class ValidationSpec(Spec):
+    """What validation demands beyond structure (signature, serving example, output suite)."""
+
+    # The answers the family's validation prompts must get (slmops.families): true for a model
+    # that learned them (the embedded tiny Phi-3), false for a real model.
+    reference_answers: bool = True
+
+
 class ServeSpec(Spec):
     """Which Production models are served, and where."""
 
@@ -149,6 +166,7 @@ class ReleaseConfig(Spec):
     hub: HubSpec = HubSpec()
     onnx: OnnxExportSpec = OnnxExportSpec()
     generation: GenerationSpec = GenerationSpec()
+    validation: ValidationSpec = ValidationSpec()
     registry: RegistrySpec = RegistrySpec()
     serve: ServeSpec = ServeSpec()
     promote: bool = True

@@ -55,7 +55,7 @@ def checkout_stays_clean() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def embedded_repos() -> dict[str, Path]:
     """repo id -> local folder of the embedded tiny Phi-3 and its ONNX release."""
-    from slmops.embedded import ensure_embedded_repos
+    from offline_kit.embedded import ensure_embedded_repos
 
     return ensure_embedded_repos(EMBEDDED_CACHE)
 
@@ -217,7 +217,7 @@ def restores_serving(released):
 @pytest.fixture()
 def fake_hub(embedded_repos: dict[str, Path]):
     """A loopback fake Hugging Face hub serving the embedded repos, fresh (no faults) per test."""
-    from slmops.fake_hub import FakeHub
+    from offline_kit.fake_hub import FakeHub
 
     with FakeHub(embedded_repos) as hub:
         yield hub

@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
+from offline_kit.tiny_model import chat_prompt
 from slmops.config import WrapperKind
-from slmops.tiny_model import chat_prompt
 from tasks.serving import ServerHandle, ask, status_of
 from tests.support.release_home import ReleaseHome
 

@@ -28,6 +28,7 @@ from prefect.settings import (
 )
 
 from flows.serve import serve
+from offline_kit.fake_hub import FakeHub, Faults
 from slmops.config import (
     TINY_PHI3_REPO_ID,
     GenerationSpec,
@@ -38,9 +39,8 @@ from slmops.config import (
     Settings,
     WrapperKind,
 )
-from slmops.fake_hub import FakeHub, Faults
 from slmops.promotion import CHAMPION
-from tasks.hub import fetch_model_snapshot
+from tasks.hub import HubConnection, fetch_model_snapshot, hf_cache_dir
 from tasks.mlflow_models import CANDIDATE_TAG, FAILURE_TAG, FLOW_RUN_TAG, log_onnx_prompt_model
 from tasks.registry import SOURCE_MODEL_TAG
 from tasks.serving import ask
@@ -212,7 +212,11 @@ def test_the_hf_token_appears_in_no_log_artifact_tag_or_record(
 
     @flow(name="gated-fetch")
     def gated_fetch():
-        return fetch_model_snapshot(HubSpec(source="hub"), Settings.from_env(), fake_hub.endpoint)
+        settings = Settings.from_env()
+        hub = HubConnection(
+            endpoint=fake_hub.endpoint, token=settings.hf_token, cache_dir=hf_cache_dir(settings)
+        )
+        return fetch_model_snapshot(HubSpec(source="hub", repo_id=TINY_PHI3_REPO_ID), hub)
 
     snapshot = gated_fetch()
     assert snapshot.files and fake_hub.count("file") > 0
