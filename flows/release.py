@@ -15,6 +15,7 @@ from slmops.tiny_model import TRAINED_ANSWERS
 from tasks.hub import fetch_model_snapshot, fetch_onnx_release
 from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
 from tasks.onnx_export import export_onnx
+from tasks.onnx_storage import store_onnx_folder
 from tasks.registry import champion_version, promote_version, register_version
 from tasks.reporting import publish_link, publish_markdown, publish_table
 from tasks.serving import serve_front_door, serve_model
@@ -78,17 +79,23 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
             onnx_dir = export_onnx(snapshot.path, config.onnx, settings.cache_dir / "onnx")
     source = {"repo_id": snapshot.repo_id, "revision": snapshot.revision, "commit": snapshot.commit}
 
+    # One stored copy of the ONNX folder per release, which both ONNX wrappers reference.
+    onnx_store = store_onnx_folder(
+        settings.tracking_uri, EXPERIMENT, onnx_dir, config.onnx, source
+    ).artifact_uri
     logged = {
         WrapperKind.CHAT_TRANSFORMERS: log_chat_pipeline(
             settings.tracking_uri, EXPERIMENT, snapshot.path, config.generation, source
         ),
         WrapperKind.PROMPT_ONNX: log_onnx_prompt_model(
-            settings.tracking_uri, EXPERIMENT, onnx_dir, config.generation, config.onnx, source
+            settings.tracking_uri, EXPERIMENT, onnx_dir, config.generation, config.onnx, source,
+            onnx_store,
         ),
         WrapperKind.CHAT_ONNX: log_onnx_chat_model(
-            settings.tracking_uri, EXPERIMENT, onnx_dir, config.generation, config.onnx, source
+            settings.tracking_uri, EXPERIMENT, onnx_dir, config.generation, config.onnx, source,
+            onnx_store,
         ),
-    }
+    }  # fmt: skip
 
     parity = None
     if config.runtime_parity:
@@ -163,7 +170,7 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
                 f"models:/{outcome.registered_model}@champion",
                 outcome.registered_model, kind, config.serve.host, config.serve.base_port, slot,
                 settings.servers_dir, settings.tracking_uri, config.serve.startup_timeout_s,
-                SMOKE_QUESTION,
+                SMOKE_QUESTION, config.serve.memory_budget_gb,
             )  # fmt: skip
             outcomes[kind] = outcome.model_copy(
                 update={"endpoint": served.handle.url, "sample_answer": served.answer}

@@ -51,7 +51,7 @@ def serve(config: ServeFlowConfig = ServeFlowConfig()) -> list[dict]:
             serve_model(
                 f"models:/{name}@champion", name, kind, config.serve.host, config.serve.base_port, slot,
                 settings.servers_dir, settings.tracking_uri, config.serve.startup_timeout_s,
-                SMOKE_QUESTION,
+                SMOKE_QUESTION, config.serve.memory_budget_gb,
             )  # fmt: skip
             status = status_of(settings.servers_dir, name)
         else:

@@ -316,6 +316,7 @@ def _log_onnx_pyfunc(
     generation: GenerationSpec,
     export: OnnxExportSpec,
     source: Mapping[str, str],
+    onnx_artifact_uri: str | None = None,
 ) -> LoggedModelRef:
     validate_onnx_folder(onnx_dir)
     params = {
@@ -329,14 +330,22 @@ def _log_onnx_pyfunc(
     }
     if kind is WrapperKind.CHAT_ONNX:
         model_config["model_name"] = _check_source(source)["repo"]
+    if onnx_artifact_uri:
+        # The release's one stored copy (tasks/onnx_storage.py): nothing to copy here.
+        model_config[onnx_prompt_model.ONNX_URI_KEY] = onnx_artifact_uri
+        params["onnx.artifact_uri"] = onnx_artifact_uri
     with (
         candidate_run(tracking_uri, experiment, kind, params, _source_tags(source)) as run_id,
-        resolved_folder(onnx_dir) as artifact_dir,
+        (
+            contextlib.nullcontext(onnx_dir) if onnx_artifact_uri else resolved_folder(onnx_dir)
+        ) as artifact_dir,
     ):
         info = mlflow.pyfunc.log_model(
             name=kind.value,
             python_model=str(_WRAPPER_FILES[kind]),
-            artifacts={onnx_prompt_model.ARTIFACT_KEY: str(artifact_dir)},
+            artifacts=None
+            if onnx_artifact_uri
+            else {onnx_prompt_model.ARTIFACT_KEY: str(artifact_dir)},
             model_config=model_config,
             signature=expected_signature(kind),
             input_example=input_example(kind),
@@ -354,6 +363,7 @@ def log_onnx_prompt_model(
     generation: GenerationSpec,
     export: OnnxExportSpec,
     source: dict[str, str],
+    onnx_artifact_uri: str | None = None,
 ) -> LoggedModelRef:
     """Log the onnxruntime-genai folder as the `{prompt} -> string` pyfunc (models from code).
 
@@ -364,10 +374,13 @@ def log_onnx_prompt_model(
         generation: defaults baked into the model config.
         export: how the folder was obtained (logged as params).
         source: `repo` (or `repo_id`) and `commit` the folder came from.
+        onnx_artifact_uri: the release's stored ONNX folder (`store_onnx_folder`) to reference
+            instead of copying `onnx_dir` into the model.
     """
     return _log_onnx_pyfunc(
-        WrapperKind.PROMPT_ONNX, tracking_uri, experiment, onnx_dir, generation, export, source
-    )
+        WrapperKind.PROMPT_ONNX, tracking_uri, experiment, onnx_dir, generation, export, source,
+        onnx_artifact_uri,
+    )  # fmt: skip
 
 
 @task(**_TASK_OPTIONS)
@@ -378,6 +391,7 @@ def log_onnx_chat_model(
     generation: GenerationSpec,
     export: OnnxExportSpec,
     source: dict[str, str],
+    onnx_artifact_uri: str | None = None,
 ) -> LoggedModelRef:
     """Log the onnxruntime-genai folder as an llm/v1/chat pyfunc with the transformers signature.
 
@@ -388,7 +402,10 @@ def log_onnx_chat_model(
         generation: defaults baked into the model config.
         export: how the folder was obtained (logged as params).
         source: `repo` (or `repo_id`) and `commit` the folder came from.
+        onnx_artifact_uri: the release's stored ONNX folder (`store_onnx_folder`) to reference
+            instead of copying `onnx_dir` into the model.
     """
     return _log_onnx_pyfunc(
-        WrapperKind.CHAT_ONNX, tracking_uri, experiment, onnx_dir, generation, export, source
-    )
+        WrapperKind.CHAT_ONNX, tracking_uri, experiment, onnx_dir, generation, export, source,
+        onnx_artifact_uri,
+    )  # fmt: skip

@@ -32,6 +32,7 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict
 
 from slmops.config import WrapperKind
+from slmops.serving_memory import GIB, SwitchPlan, expected_server_bytes, plan_switch
 
 HUB_TOKEN_VARIABLES = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
 
@@ -344,6 +345,77 @@ class ServeResult(BaseModel):
     answer: str
     replaced: ServerHandle | None = None
     reused: bool = False
+    switch: SwitchPlan | None = None  # the memory check's verdict, when a server was started
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def model_files_bytes(model_uri: str, tracking_uri: str) -> int:
+    """Bytes of a model's files, the shared ONNX folder it references included.
+
+    For a local store this reads the stored folders in place (no download).
+    """
+    import mlflow
+    import yaml
+
+    folder = Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri)
+    )
+    total = _folder_bytes(folder)
+    mlmodel = (
+        yaml.safe_load((folder / "MLmodel").read_text()) if (folder / "MLmodel").exists() else {}
+    )
+    pyfunc_conf = (mlmodel or {}).get("flavors", {}).get("python_function", {})
+    onnx_uri = (pyfunc_conf.get("model_config") or {}).get("onnx_model_uri")
+    if onnx_uri:
+        shared = mlflow.artifacts.download_artifacts(
+            artifact_uri=str(onnx_uri), tracking_uri=tracking_uri
+        )
+        total += _folder_bytes(Path(shared))
+    return total
+
+
+def process_tree_rss(pid: int) -> int:
+    """RSS of a process and its descendants (a server's uvicorn workers included)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_info().rss
+    return total
+
+
+def running_servers_rss(servers_dir: Path) -> dict[str, int]:
+    """name -> measured RSS of every running managed server (model servers and front door)."""
+    rss = {}
+    for name in [*served_names(servers_dir), FRONT_DOOR]:
+        path = state_path(servers_dir, name)
+        if not path.exists():
+            continue
+        handle = ProcessHandle.model_validate_json(path.read_text())
+        if is_running(handle):
+            rss[name] = process_tree_rss(handle.pid)
+    return rss
+
+
+def plan_server_switch(
+    servers_dir: Path, name: str, model_uri: str, tracking_uri: str, budget_gb: float | None
+) -> SwitchPlan:
+    """Measure the running servers and size the new model: blue/green, stop-first or refuse."""
+    running = running_servers_rss(servers_dir)
+    return plan_switch(
+        running_bytes=sum(running.values()),
+        replaced_bytes=running.get(name, 0),
+        new_bytes=expected_server_bytes(model_files_bytes(model_uri, tracking_uri)),
+        available_bytes=int(psutil.virtual_memory().available),
+        budget_bytes=int(budget_gb * GIB) if budget_gb is not None else None,
+    )
 
 
 @task(retries=1, retry_delay_seconds=5, task_run_name="serve-{name}")
@@ -358,8 +430,15 @@ def serve_model(
     tracking_uri: str,
     startup_timeout_s: float,
     smoke_question: str,
+    memory_budget_gb: float | None = None,
 ) -> ServeResult:
-    """Serve `model_uri` as `name`: reuse a healthy server of the same URI, else start, check, switch."""
+    """Serve `model_uri` as `name`: reuse a healthy server of the same URI, else start, check, switch.
+
+    Before starting, the running servers' measured RSS plus the new model's expected size is
+    checked against `memory_budget_gb` and the available memory (`slmops.serving_memory`): if
+    both servers cannot be up at once, the old one is stopped first (reported as a gap in
+    service); if even that cannot fit, nothing is started and the old server keeps serving.
+    """
     logger = get_run_logger()
     # Two runs serving `name` at once would both replace the same old server and one new server
     # would be left running, in no state file; the second run waits and then replaces the first.
@@ -372,14 +451,28 @@ def serve_model(
             answer = check_server(current.handle, smoke_question)
             logger.info("%s already serves %s on %s", name, model_uri, current.handle.url)
             return ServeResult(handle=current.handle, answer=answer, reused=True)
+        plan = plan_server_switch(servers_dir, name, model_uri, tracking_uri, memory_budget_gb)
+        if plan.order == "refuse":
+            raise ServingError(f"{name}: {plan.describe()}")
+        old_running = current.handle is not None and is_running(current.handle)
+        if plan.order == "stop-first" and current.handle is not None:
+            logger.warning("%s: %s", name, plan.describe())
+            terminate(current.handle)
+        else:
+            logger.info("%s: %s", name, plan.describe())
         port = choose_port(host, base_port, slot, current.handle)
-        handle = launch_server(
-            model_uri, name, kind, host, port, servers_dir, tracking_uri, startup_timeout_s
-        )
         try:
-            answer = check_server(handle, smoke_question)
+            handle = launch_server(
+                model_uri, name, kind, host, port, servers_dir, tracking_uri, startup_timeout_s
+            )
+            try:
+                answer = check_server(handle, smoke_question)
+            except Exception:
+                terminate(handle)  # in blue/green order the old server keeps serving
+                raise
         except Exception:
-            terminate(handle)  # the old server, if any, keeps serving
+            if plan.order == "stop-first" and current.handle is not None and old_running:
+                _restart_replaced(current.handle, servers_dir, tracking_uri, startup_timeout_s)
             raise
         _write_handle(servers_dir, handle)
         if current.handle is not None:
@@ -392,7 +485,22 @@ def serve_model(
         smoke_question,
         answer,
     )
-    return ServeResult(handle=handle, answer=answer, replaced=current.handle)
+    return ServeResult(handle=handle, answer=answer, replaced=current.handle, switch=plan)
+
+
+def _restart_replaced(
+    old: ServerHandle, servers_dir: Path, tracking_uri: str, startup_timeout_s: float
+) -> None:
+    """Best effort after a failed stop-first switch: serve the old version again."""
+    try:
+        restarted = launch_server(
+            old.model_uri, old.name, old.kind, old.host, old.port, servers_dir, tracking_uri,
+            startup_timeout_s,
+        )  # fmt: skip
+    except ServingError:
+        get_run_logger().exception("%s: could not restart %s", old.name, old.model_uri)
+        return
+    _write_handle(servers_dir, restarted)
 
 
 def served_names(servers_dir: Path) -> list[str]:
