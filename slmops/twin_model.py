@@ -8,10 +8,11 @@ weights and the embedded tokenizer (whose ids are all < 32064). `num_layers` mak
 variant (full width, 1-2 layers) that runs the same code path in seconds.
 
 Random weights generate noise, so two things keep generation deterministic and bounded, as in
-`benchmarks/midsize.py`: the `lm_head` rows of ids the tokenizer does not know and of the
-end-of-sequence ids are zero (every greedy step picks a decodable id and never stops early, so
-each generation runs to `max_new_tokens`), and the weights come from a seeded generator per
-tensor. A different `seed` is a different commit of the same model (a new release).
+`benchmarks/midsize.py`: the `lm_head` rows of ids the tokenizer does not know, of the
+end-of-sequence ids and of ids that decode to nothing visible (byte pieces, whitespace) are zero
+(every greedy step picks a printable word piece and never stops early, so each generation runs
+to `max_new_tokens` and is never blank, whatever the seed), and the weights come from a seeded
+generator per tensor. A different `seed` is a different commit of the same model (a new release).
 
 The checkpoint is written tensor by tensor, each in row chunks, straight into the shard files:
 building it never holds more than one chunk in memory (the whole twin is 7.6 GB).
@@ -35,7 +36,7 @@ from typing import BinaryIO
 
 from slmops.config import PHI3_ONNX_INT4_SUBFOLDER, OnnxExportSpec
 
-TWIN_BUILDER_VERSION = "1"
+TWIN_BUILDER_VERSION = "2"
 TWIN_REPO_ID = "slmops/phi3-mini-twin"
 TWIN_ONNX_REPO_ID = "slmops/phi3-mini-twin-onnx"
 PHI3_MINI_LAYERS = 32
@@ -216,6 +217,18 @@ def split_shards(plans: list[TensorPlan], count: int = SHARD_COUNT) -> list[list
     return [shard for shard in shards if shard]
 
 
+def _invisible_ids(tokenizer_dir: Path) -> frozenset[int]:
+    """Ids that decode to blank text on their own (byte pieces, whitespace, special tokens)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return frozenset(
+        i
+        for i in range(len(tokenizer))
+        if not str(tokenizer.decode([i], skip_special_tokens=True)).strip()
+    )
+
+
 def write_twin_checkpoint(
     out_dir: Path, tokenizer_dir: Path, num_layers: int = PHI3_MINI_LAYERS, seed: int = DEFAULT_SEED
 ) -> Path:
@@ -231,6 +244,7 @@ def write_twin_checkpoint(
     tiny_generation = json.loads((tokenizer_dir / "generation_config.json").read_text())
     known_ids = int(tiny_config["vocab_size"])
     eos_ids = [int(i) for i in tiny_generation["eos_token_id"]]
+    never_generated = frozenset(eos_ids) | _invisible_ids(tokenizer_dir)
     config = twin_config(num_layers)
     if known_ids > config["vocab_size"]:
         raise ValueError(f"tokenizer has {known_ids} ids, more than the vocab of 32064")
@@ -246,7 +260,7 @@ def write_twin_checkpoint(
     for number, shard in enumerate(shards, start=1):
         name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         with (out_dir / name).open("wb") as out:
-            _write_shard(out, shard, seed, known_ids, frozenset(eos_ids))
+            _write_shard(out, shard, seed, known_ids, never_generated)
         weight_map.update({plan.name: name for plan in shard})
     index = {
         "metadata": {

@@ -352,6 +352,26 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def local_model_folder(model_uri: str, tracking_uri: str) -> Path:
+    """A model's folder on local disk: the stored one itself for a local artifact store.
+
+    Resolved with a client of `tracking_uri`: `download_artifacts("models:/...")` would ask
+    the process-wide registry, which need not be `tracking_uri`.
+    """
+    import mlflow
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    location = model_uri
+    if model_uri.startswith("models:/"):
+        ref = resolve_alias(model_uri, tracking_uri).removeprefix("models:/")
+        if ref.startswith("m-"):
+            location = client.get_logged_model(ref).artifact_location
+        else:
+            name, version = ref.rsplit("/", 1)
+            location = client.get_model_version_download_uri(name, version)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=location))
+
+
 def model_files_bytes(model_uri: str, tracking_uri: str) -> int:
     """Bytes of a model's files, the shared ONNX folder it references included.
 
@@ -360,19 +380,15 @@ def model_files_bytes(model_uri: str, tracking_uri: str) -> int:
     import mlflow
     import yaml
 
-    folder = Path(
-        mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri)
-    )
+    folder = local_model_folder(model_uri, tracking_uri)
     total = _folder_bytes(folder)
     mlmodel = (
         yaml.safe_load((folder / "MLmodel").read_text()) if (folder / "MLmodel").exists() else {}
     )
     pyfunc_conf = (mlmodel or {}).get("flavors", {}).get("python_function", {})
-    onnx_uri = (pyfunc_conf.get("model_config") or {}).get("onnx_model_uri")
+    onnx_uri = (pyfunc_conf.get("config") or {}).get("onnx_model_uri")  # model_config
     if onnx_uri:
-        shared = mlflow.artifacts.download_artifacts(
-            artifact_uri=str(onnx_uri), tracking_uri=tracking_uri
-        )
+        shared = mlflow.artifacts.download_artifacts(artifact_uri=str(onnx_uri))
         total += _folder_bytes(Path(shared))
     return total
 
