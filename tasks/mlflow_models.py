@@ -35,6 +35,7 @@ from slmops.config import GenerationSpec, OnnxExportSpec, WrapperKind
 from slmops.onnx_builder import OnnxExportError
 from slmops.refs import LoggedModelRef
 from slmops.signatures import expected_signature, input_example
+from tasks.inplace_logging import log_transformers_in_place
 from tasks.onnx_export import validate_onnx_folder
 
 CANDIDATE_TAG = "slmops.candidate"
@@ -275,18 +276,23 @@ def log_chat_pipeline(
         }
         if generation.do_sample:
             model_config["temperature"] = generation.temperature
-        info = mlflow.transformers.log_model(
-            transformers_model=pipe,
+        # Saved straight into the artifact store (weights written once, not saved to a temp
+        # folder and copied: tasks/inplace_logging.py).
+        info = log_transformers_in_place(
+            run_id=run_id,
             name=kind.value,
-            task="llm/v1/chat",
-            model_config=model_config,
-            # No input_example: MLflow would reload the saved weights (a second copy in memory)
-            # and generate to check it, measured at 2.3x the weights' size in peak RSS and most
-            # of the logging time (benchmarks/logging_cost.py). The llm/v1/chat task defines
-            # the signature, and validate_serving_example replays the example after logging.
-            save_pretrained=True,
-            pip_requirements=_pinned("transformers", "torch", "accelerate"),
             tags={KIND_TAG: kind.value, **_source_tags(source)},
+            save_kwargs=dict(
+                transformers_model=pipe,
+                task="llm/v1/chat",
+                model_config=model_config,
+                # No input_example: MLflow would reload the saved weights (a second copy in
+                # memory) and generate to check it, measured at 2.3x the weights' size in peak
+                # RSS and most of the logging time (benchmarks/logging_cost.py). The llm/v1/chat
+                # task defines the signature; validate_serving_example replays the example.
+                save_pretrained=True,
+                pip_requirements=_pinned("transformers", "torch", "accelerate"),
+            ),
         )
     return _ref(info, run_id, kind)
 
