@@ -233,6 +233,10 @@ def main(argv: list[str] | None = None) -> PartResult:
     )  # fmt: skip
     rows = []
     with ReleaseSandbox("fullsize", keep=args.keep) as sandbox:
+        # A persistent Prefect server, as deployments use: no stage pays for starting (and
+        # migrating the database of) a temporary one.
+        sandbox.env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
+        sandbox.start_prefect_server()
         with FakeHub(first.as_hub_repos()) as hub:
             for name in ("cold", "cached"):
                 rows.append(run_stage(sandbox, Stage(name, release.argv), hub.endpoint))

@@ -18,7 +18,7 @@ from tasks.onnx_export import export_onnx
 from tasks.onnx_storage import store_onnx_folder
 from tasks.registry import champion_version, promote_version, register_version
 from tasks.reporting import publish_link, publish_markdown, publish_table
-from tasks.serving import serve_front_door, serve_model
+from tasks.serving import make_room_for_model, serve_front_door, serve_model
 from tasks.validation import compare_runtimes, validate_model
 
 SMOKE_QUESTION = next(iter(TRAINED_ANSWERS))
@@ -110,6 +110,12 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
     outcomes: dict[WrapperKind, WrapperOutcome] = {}
     validation_rows = []
     for kind, ref in logged.items():
+        if config.serve.enabled:
+            # Validation loads the new version beside the running servers: memory-safe order.
+            make_room_for_model(
+                ref.model_uri, config.registry.model_name(kind), settings.servers_dir,
+                settings.tracking_uri, config.serve.memory_budget_gb,
+            )  # fmt: skip
         report = validate_model(
             settings.tracking_uri, ref, known_answers=config.hub.source == "embedded",
             parity=parity if kind is not WrapperKind.CHAT_TRANSFORMERS else None,

@@ -115,7 +115,7 @@ class ServeSpec(Spec):
     front_door: bool = True
     # None: a free port, then the same one on every restart while it stays free.
     front_door_port: int | None = Field(default=None, ge=1024, le=65535)
-    # Most memory the model servers may hold together (GiB). Before a server starts, the
+    # Most memory the model servers may hold together (GB, 1e9 bytes). Before a server starts, the
     # running servers' RSS plus the new model's size is checked against it (and against the
     # available memory): a blue/green switch that cannot fit stops the old server first.
     # None: only the machine's available memory limits it.

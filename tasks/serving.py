@@ -32,7 +32,7 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict
 
 from slmops.config import WrapperKind
-from slmops.serving_memory import GIB, SwitchPlan, expected_server_bytes, plan_switch
+from slmops.serving_memory import SwitchPlan, expected_server_bytes, plan_switch
 
 HUB_TOKEN_VARIABLES = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
 
@@ -364,11 +364,14 @@ def local_model_folder(model_uri: str, tracking_uri: str) -> Path:
     location = model_uri
     if model_uri.startswith("models:/"):
         ref = resolve_alias(model_uri, tracking_uri).removeprefix("models:/")
-        if ref.startswith("m-"):
-            location = client.get_logged_model(ref).artifact_location
-        else:
+        if not ref.startswith("m-"):
             name, version = ref.rsplit("/", 1)
-            location = client.get_model_version_download_uri(name, version)
+            found = client.get_model_version(name, version)
+            ref = _version_model_id(found) or ""
+            location = found.source
+        if ref.startswith("m-"):
+            # The LoggedModel's own location: `models:/m-...` would be copied to a temp folder.
+            location = client.get_logged_model(ref).artifact_location
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=location))
 
 
@@ -430,8 +433,74 @@ def plan_server_switch(
         replaced_bytes=running.get(name, 0),
         new_bytes=expected_server_bytes(model_files_bytes(model_uri, tracking_uri)),
         available_bytes=int(psutil.virtual_memory().available),
-        budget_bytes=int(budget_gb * GIB) if budget_gb is not None else None,
+        budget_bytes=int(budget_gb * 1e9) if budget_gb is not None else None,  # GB, as named
     )
+
+
+class RoomReport(BaseModel):
+    """What `make_room_for_model` found, and whether it stopped a server."""
+
+    model_config = ConfigDict(frozen=True)
+
+    plan: SwitchPlan | None = None  # None: the model is registered already (validated before)
+    stopped: ServerHandle | None = None
+
+
+def _registered_model_ids(name: str, tracking_uri: str) -> set[str]:
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except Exception:  # no such registered model yet
+        return set()
+    return {model_id for v in versions if (model_id := _version_model_id(v))}
+
+
+def _version_model_id(version: Any) -> str | None:
+    """The LoggedModel behind a model version (its `model_id`, or its `models:/m-...` source)."""
+    model_id = getattr(version, "model_id", None)
+    if model_id:
+        return str(model_id)
+    source = str(version.source or "")
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+
+@task(task_run_name="make-room-{name}")
+def make_room_for_model(
+    model_uri: str,
+    name: str,
+    servers_dir: Path,
+    tracking_uri: str,
+    memory_budget_gb: float | None = None,
+) -> RoomReport:
+    """Before loading `model_uri` in this process (validation), make sure it fits in memory.
+
+    Validating a new version loads it beside the running servers, the old version of the same
+    model included: for Phi-3-mini's transformers wrapper that is 7.7 GB on top of every
+    server. If it cannot fit under the budget and the available memory, the server of `name`
+    (the version being replaced) is stopped first, with the gap reported, rather than letting
+    the kernel pick a victim; if it cannot fit even then, this is an error and nothing is
+    stopped.
+    """
+    import gc
+
+    if model_uri.removeprefix("models:/") in _registered_model_ids(name, tracking_uri):
+        # Registered by an earlier run, so validated then: its validation is a cache hit
+        # and loads nothing (a re-run must not stop a server for nothing).
+        return RoomReport()
+    gc.collect()  # the previous model validated in this process, if cycles still hold it
+    plan = plan_server_switch(servers_dir, name, model_uri, tracking_uri, memory_budget_gb)
+    logger = get_run_logger()
+    if plan.order == "refuse":
+        raise ServingError(f"{name}: cannot load {model_uri} to validate it: {plan.describe()}")
+    if plan.order == "blue-green":
+        logger.info("%s: room to validate %s beside the servers: %s", name, model_uri,
+                    plan.describe())  # fmt: skip
+        return RoomReport(plan=plan)
+    logger.warning(
+        "%s: to validate %s, %s", name, model_uri, plan.describe().replace("new one", "new version")
+    )
+    stopped = stop_model_server(servers_dir, name)
+    return RoomReport(plan=plan, stopped=stopped.handle)
 
 
 @task(retries=1, retry_delay_seconds=5, task_run_name="serve-{name}")

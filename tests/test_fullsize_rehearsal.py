@@ -204,6 +204,7 @@ def _mlmodel(settings: Settings, model_uri: str) -> dict:
     from tasks.serving import local_model_folder
 
     folder = local_model_folder(model_uri, settings.tracking_uri)
+    assert folder.is_relative_to(settings.home / "mlartifacts")  # the stored folder, not a copy
     return yaml.safe_load((folder / "MLmodel").read_text())
 
 
@@ -231,8 +232,11 @@ def test_transformers_wrapper_is_stored_and_loaded_in_bf16(twin_release):
     import torch
 
     settings, _, report = twin_release
-    uri = next(o.model_uri for o in report.outcomes if o.kind is WrapperKind.CHAT_TRANSFORMERS)
+    outcome = next(o for o in report.outcomes if o.kind is WrapperKind.CHAT_TRANSFORMERS)
+    uri = outcome.model_uri
     flavor = _mlmodel(settings, uri)["flavors"]["transformers"]
+    registered = f"models:/{outcome.registered_model}/{outcome.version}"
+    assert _mlmodel(settings, registered)["flavors"]["transformers"] == flavor
     assert flavor["torch_dtype"] == "torch.bfloat16"
     mlflow.set_tracking_uri(settings.tracking_uri)
     try:
@@ -283,12 +287,78 @@ def test_a_switch_that_cannot_fit_beside_the_old_server_stops_it_first(twin_rele
 
     # Too small even without the old server: refused, and the old server keeps serving.
     with pytest.raises(ServingError, match="not starting the new server"):
-        serve(*args, memory_budget_gb=(without_old - GIB // 4) / GIB)
+        serve(*args, memory_budget_gb=(without_old - GIB // 4) / 1e9)
     assert status_of(settings.servers_dir, name).state == "serving"
 
     # Room for the new server only once the old one is gone: memory-safe order.
-    result = serve(*args, memory_budget_gb=(without_old + GIB // 8) / GIB)
+    result = serve(*args, memory_budget_gb=(without_old + GIB // 8) / 1e9)
     assert result.switch is not None and result.switch.order == "stop-first"
     assert result.switch.gap_bytes > 0
     assert status_of(settings.servers_dir, name).handle.model_uri == outcome.model_uri
     assert not is_running(old)
+
+
+@pytest.mark.integration
+def test_logging_writes_each_models_bytes_once(twin, tracking_uri):
+    import psutil
+
+    from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
+    from tasks.onnx_storage import folder_bytes, store_onnx_folder
+
+    me = psutil.Process()
+    source = {"repo": TWIN_REPO_ID, "commit": "0123abcd"}
+    generation, export = GenerationSpec(max_new_tokens=4), OnnxExportSpec(source="hub")
+    onnx_dir = twin.onnx_repo_dir / PHI3_ONNX_INT4_SUBFOLDER
+    slack = 8 << 20  # MLmodel, requirements, tokenizer files, the SQLite store
+
+    before = me.io_counters().write_chars
+    log_chat_pipeline.fn(tracking_uri, "release", twin.model_dir, generation, source)
+    weights = sum(p.stat().st_size for p in twin.model_dir.glob("*.safetensors"))
+    assert me.io_counters().write_chars - before <= 1.05 * weights + slack
+
+    before = me.io_counters().write_chars
+    stored = store_onnx_folder.fn(tracking_uri, "release", onnx_dir, export, source)
+    for log in (log_onnx_prompt_model, log_onnx_chat_model):
+        log.fn(tracking_uri, "release", onnx_dir, generation, export, source, stored.artifact_uri)
+    assert me.io_counters().write_chars - before <= 1.05 * folder_bytes(onnx_dir) + slack
+    # Stored once: a second store of the same folder finds the first.
+    again = store_onnx_folder.fn(tracking_uri, "release", onnx_dir, export, source)
+    assert again.reused and again.artifact_uri == stored.artifact_uri
+
+
+@pytest.mark.e2e
+def test_validating_a_new_version_that_cannot_fit_stops_its_old_server_first(twin_release):
+    from slmops.serving_memory import expected_server_bytes
+    from tasks.mlflow_models import log_onnx_prompt_model
+    from tasks.serving import (
+        make_room_for_model,
+        model_files_bytes,
+        running_servers_rss,
+        status_of,
+    )
+
+    settings, config, report = twin_release
+    outcome = next(o for o in report.outcomes if o.kind is WrapperKind.CHAT_TRANSFORMERS)
+    name = outcome.registered_model
+    # Registered (so validated) already: a re-run loads nothing and stops nothing.
+    assert make_room_for_model(outcome.model_uri, name, settings.servers_dir,
+                               settings.tracking_uri, 0.001).plan is None  # fmt: skip
+    assert status_of(settings.servers_dir, name).state == "serving"
+
+    onnx = next(o for o in report.outcomes if o.kind is WrapperKind.PROMPT_ONNX)
+    conf = _mlmodel(settings, onnx.model_uri)["flavors"]["python_function"]["config"]
+    twin_dir = Path(conf["onnx_model_uri"].removeprefix("file://"))
+    new = log_onnx_prompt_model.fn(
+        settings.tracking_uri, "release", twin_dir, GenerationSpec(max_new_tokens=4),
+        OnnxExportSpec(source="hub"), {"repo": TWIN_REPO_ID, "commit": "feedbeef"},
+        conf["onnx_model_uri"],
+    )  # fmt: skip
+    running = running_servers_rss(settings.servers_dir)
+    need = expected_server_bytes(model_files_bytes(new.model_uri, settings.tracking_uri))
+    room = make_room_for_model(
+        new.model_uri, name, settings.servers_dir, settings.tracking_uri,
+        (sum(running.values()) - running[name] + need + GIB // 8) / 1e9,
+    )  # fmt: skip
+    assert room.plan is not None and room.plan.order == "stop-first"
+    assert room.stopped is not None and room.stopped.name == name
+    assert status_of(settings.servers_dir, name).state == "absent"
