@@ -177,6 +177,7 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
                 outcome.registered_model, kind, config.serve.host, config.serve.base_port, slot,
                 settings.servers_dir, settings.tracking_uri, config.serve.startup_timeout_s,
                 SMOKE_QUESTION, config.serve.memory_budget_gb,
+                config.serve.request_timeout_s,
             )  # fmt: skip
             outcomes[kind] = outcome.model_copy(
                 update={"endpoint": served.handle.url, "sample_answer": served.answer}

@@ -34,6 +34,7 @@ def rollback(config: RollbackConfig) -> PromotionReport:
             ref.uri, name, config.kind, config.serve.host, config.serve.base_port, slot,
             settings.servers_dir, settings.tracking_uri, config.serve.startup_timeout_s,
             SMOKE_QUESTION, config.serve.memory_budget_gb,
+            config.serve.request_timeout_s,
         )  # fmt: skip
         get_run_logger().info("%s v%s serving on %s", name, ref.version, result.handle.url)
     return report

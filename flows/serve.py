@@ -52,6 +52,7 @@ def serve(config: ServeFlowConfig = ServeFlowConfig()) -> list[dict]:
                 f"models:/{name}@champion", name, kind, config.serve.host, config.serve.base_port, slot,
                 settings.servers_dir, settings.tracking_uri, config.serve.startup_timeout_s,
                 SMOKE_QUESTION, config.serve.memory_budget_gb,
+                config.serve.request_timeout_s,
             )  # fmt: skip
             status = status_of(settings.servers_dir, name)
         else:
