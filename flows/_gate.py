@@ -59,7 +59,7 @@ def judge_challenger(
         publish_table(
             f"{version.name}-changed-answers",
             changed_answers(item_results(uri, champion), item_results(uri, challenger)),
-            f"Items answered differently by {version.uri} and champion v{champion_ref.version}",  # type: ignore[union-attr]
+            f"Items answered differently by {version.uri} and champion v{decision.champion_version}",
         )
     return challenger, decision
 

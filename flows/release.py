@@ -29,9 +29,11 @@ from slmops.tags import version_tags
 from tasks.hub import fetch_model_snapshot, fetch_onnx_release
 from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
 from tasks.onnx_export import export_onnx
+from tasks.onnx_storage import store_onnx_folder
 from tasks.registry import champion_version, promote_version, register_version
 from tasks.release_records import release_lease, settle_killed_releases
 from tasks.reporting import publish_markdown, publish_table
+from tasks.serving import make_room_for_model
 from tasks.validation import compare_runtimes, validate_model
 
 EXPERIMENT = "slmops-release"
@@ -172,15 +174,17 @@ def log_wrappers(
     """Log the three wrappers of one snapshot (each a cached task)."""
     source = {"repo_id": snapshot.repo_id, "revision": snapshot.revision, "commit": snapshot.commit}
     uri, generation = settings.tracking_uri, config.generation
+    # One stored copy of the ONNX folder per release, which both ONNX wrappers reference.
+    onnx_store = store_onnx_folder(uri, EXPERIMENT, onnx_dir, config.onnx, source).artifact_uri
     return {
         WrapperKind.CHAT_TRANSFORMERS: log_chat_pipeline(
             uri, EXPERIMENT, snapshot.path, generation, source
         ),
         WrapperKind.PROMPT_ONNX: log_onnx_prompt_model(
-            uri, EXPERIMENT, onnx_dir, generation, config.onnx, source
+            uri, EXPERIMENT, onnx_dir, generation, config.onnx, source, onnx_store
         ),
         WrapperKind.CHAT_ONNX: log_onnx_chat_model(
-            uri, EXPERIMENT, onnx_dir, generation, config.onnx, source
+            uri, EXPERIMENT, onnx_dir, generation, config.onnx, source, onnx_store
         ),
     }
 
@@ -214,6 +218,12 @@ def release_wrapper(
     """Validate one logged wrapper, register it, judge it at the promotion gate, and promote it
     if it passed both (or the gate was forced)."""
     kind = ref.kind
+    if config.serve.enabled:
+        # Validation loads the new version beside the running servers: memory-safe order.
+        make_room_for_model(
+            ref.model_uri, config.registry.model_name(kind), settings.servers_dir,
+            settings.tracking_uri, config.serve.memory_budget_gb,
+        )  # fmt: skip
     report = validate_model(
         settings.tracking_uri, ref, known_answers=config.validation.reference_answers,
         parity=parity if kind is not WrapperKind.CHAT_TRANSFORMERS else None,

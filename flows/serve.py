@@ -76,7 +76,8 @@ if __name__ == "__main__":
         "--name-prefix", default=RegistrySpec().name_prefix, help="registry.name_prefix"
     )
     args = parser.parse_args()
-    config = ServeFlowConfig(
-        action=args.action, registry=RegistrySpec(name_prefix=args.name_prefix)
+    # Validated like a deployment's parameters (argparse gives the action as a plain str).
+    config = ServeFlowConfig.model_validate(
+        {"action": args.action, "registry": {"name_prefix": args.name_prefix}}
     )
     print(json.dumps(run_from_command_line(lambda: serve(config)), indent=2))

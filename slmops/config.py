@@ -185,6 +185,14 @@ class ServeSpec(Spec):
     front_door: bool = True
     # None: a free port, then the same one on every restart while it stays free.
     front_door_port: int | None = Field(default=None, ge=1024, le=65535)
+    # Most memory the model servers may hold together (GB, 1e9 bytes). Before a server starts, the
+    # running servers' RSS plus the new model's size is checked against it (and against the
+    # available memory): a blue/green switch that cannot fit stops the old server first.
+    # None: only the machine's available memory limits it.
+    memory_budget_gb: float | None = Field(default=None, gt=0)
+    # Longest a server works on one request before answering 504 (MLflow's default: 60 s, too
+    # short for Phi-3-mini in bf16 on a small CPU, see README "Releasing the real Phi-3-mini").
+    request_timeout_s: float = Field(default=60.0, gt=0)
 
 
 class ReleaseConfig(Spec):

@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 ARTIFACT_KEY = "onnx_model"
+ONNX_URI_KEY = "onnx_model_uri"
 DEFAULT_MAX_NEW_TOKENS = 300
 DEFAULT_TEMPERATURE = 0.0
 MAX_CHOICES = 8
@@ -91,14 +92,31 @@ def _stop_sequences(value: Any) -> list[str]:
     return [s for s in stops if s]
 
 
+def onnx_folder(artifacts: dict[str, str] | None, config: dict[str, Any]) -> Path:
+    """The onnxruntime-genai folder: the model's own artifact, or the release's shared one.
+
+    A release stores its ONNX folder once and both ONNX wrappers name it in `model_config`
+    (`onnx_model_uri`); for a local artifact store this resolves to the stored folder itself.
+    """
+    if artifacts and ARTIFACT_KEY in artifacts:
+        return Path(artifacts[ARTIFACT_KEY])
+    uri = config.get(ONNX_URI_KEY)
+    if not uri:
+        raise MlflowException.invalid_parameter_value(
+            f"the model has neither an '{ARTIFACT_KEY}' artifact nor an '{ONNX_URI_KEY}' in its "
+            "model_config: it cannot find its ONNX folder"
+        )
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=str(uri)))
+
+
 class OnnxChatModel(PythonModel):
     """Phi-3 on onnxruntime-genai behind the llm/v1/chat request/response contract."""
 
     def load_context(self, context: PythonModelContext) -> None:
         import onnxruntime_genai as og
 
-        folder = Path(context.artifacts[ARTIFACT_KEY])
         config = dict(context.model_config or {})
+        folder = onnx_folder(context.artifacts, config)
         self._max_new_tokens = int(config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         self._temperature = float(config.get("temperature", DEFAULT_TEMPERATURE))
         self._model_name = str(config.get("model_name") or folder.name)

@@ -192,6 +192,10 @@ def _score_with_mlflow(
         result = mlflow.genai.evaluate(
             data=data, scorers=mlflow_scorers(), model_id=model_ref.model_id
         )
+    if result.result_df is None:
+        raise RuntimeError(
+            f"mlflow.genai.evaluate returned no per-item results for {model_ref.model_uri}"
+        )
     verdicts: dict[str, tuple[str, bool, str]] = {}
     for _, row in result.result_df.iterrows():
         item_id = row["request"]["id"]
@@ -326,7 +330,7 @@ def evaluate_champion(
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     version = client.get_model_version(champion.name, str(champion.version))
     model_id = version.model_id or str(version.source).removeprefix("models:/")
-    if not model_id.startswith("m-"):
+    if not model_id.startswith("m-") or not version.run_id:
         raise ValueError(f"{champion.uri} was not registered from a logged model: {version.source}")
     ref = LoggedModelRef(
         model_uri=f"models:/{model_id}", run_id=version.run_id, kind=kind, model_id=model_id

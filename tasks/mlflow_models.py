@@ -35,6 +35,7 @@ from slmops.config import GenerationSpec, OnnxExportSpec, WrapperKind, sqlite_pa
 from slmops.refs import LoggedModelRef
 from slmops.signatures import expected_signature, input_example
 from tasks.caching import WhileResultIsLive, logged_model_exists
+from tasks.inplace_logging import log_transformers_in_place
 from tasks.onnx_export import validate_onnx_folder
 from tasks.retrying import retry_if_transient
 
@@ -278,18 +279,23 @@ def log_chat_pipeline(
         }
         if generation.do_sample:
             model_config["temperature"] = generation.temperature
-        info = mlflow.transformers.log_model(
-            transformers_model=pipe,
+        # Saved straight into the artifact store (weights written once, not saved to a temp
+        # folder and copied: tasks/inplace_logging.py).
+        info = log_transformers_in_place(
+            run_id=run_id,
             name=kind.value,
-            task="llm/v1/chat",
-            model_config=model_config,
-            # No input_example: MLflow would reload the saved weights (a second copy in memory)
-            # and generate to check it, measured at 2.3x the weights' size in peak RSS and most
-            # of the logging time (benchmarks/logging_cost.py). The llm/v1/chat task defines
-            # the signature, and validate_serving_example replays the example after logging.
-            save_pretrained=True,
-            pip_requirements=_pinned("transformers", "torch", "accelerate"),
             tags={KIND_TAG: kind.value, **_source_tags(source)},
+            save_kwargs=dict(
+                transformers_model=pipe,
+                task="llm/v1/chat",
+                model_config=model_config,
+                # No input_example: MLflow would reload the saved weights (a second copy in
+                # memory) and generate to check it, measured at 2.3x the weights' size in peak
+                # RSS and most of the logging time (benchmarks/logging_cost.py). The llm/v1/chat
+                # task defines the signature; validate_serving_example replays the example.
+                save_pretrained=True,
+                pip_requirements=_pinned("transformers", "torch", "accelerate"),
+            ),
         )
     return _ref(info, run_id, kind)
 
@@ -319,6 +325,7 @@ def _log_onnx_pyfunc(
     generation: GenerationSpec,
     export: OnnxExportSpec,
     source: Mapping[str, str],
+    onnx_artifact_uri: str | None = None,
 ) -> LoggedModelRef:
     validate_onnx_folder(onnx_dir)
     params = {
@@ -332,14 +339,22 @@ def _log_onnx_pyfunc(
     }
     if kind is WrapperKind.CHAT_ONNX:
         model_config["model_name"] = _check_source(source)["repo"]
+    if onnx_artifact_uri:
+        # The release's one stored copy (tasks/onnx_storage.py): nothing to copy here.
+        model_config[onnx_prompt_model.ONNX_URI_KEY] = onnx_artifact_uri
+        params["onnx.artifact_uri"] = onnx_artifact_uri
     with (
         candidate_run(tracking_uri, experiment, kind, params, _source_tags(source)) as run_id,
-        resolved_folder(onnx_dir) as artifact_dir,
+        (
+            contextlib.nullcontext(onnx_dir) if onnx_artifact_uri else resolved_folder(onnx_dir)
+        ) as artifact_dir,
     ):
         info = mlflow.pyfunc.log_model(
             name=kind.value,
             python_model=str(_WRAPPER_FILES[kind]),
-            artifacts={onnx_prompt_model.ARTIFACT_KEY: str(artifact_dir)},
+            artifacts=None
+            if onnx_artifact_uri
+            else {onnx_prompt_model.ARTIFACT_KEY: str(artifact_dir)},
             model_config=model_config,
             signature=expected_signature(kind),
             input_example=input_example(kind),
@@ -357,6 +372,7 @@ def log_onnx_prompt_model(
     generation: GenerationSpec,
     export: OnnxExportSpec,
     source: dict[str, str],
+    onnx_artifact_uri: str | None = None,
 ) -> LoggedModelRef:
     """Log the onnxruntime-genai folder as the `{prompt} -> string` pyfunc (models from code).
 
@@ -367,10 +383,13 @@ def log_onnx_prompt_model(
         generation: defaults baked into the model config.
         export: how the folder was obtained (logged as params).
         source: `repo` (or `repo_id`) and `commit` the folder came from.
+        onnx_artifact_uri: the release's stored ONNX folder (`store_onnx_folder`) to reference
+            instead of copying `onnx_dir` into the model.
     """
     return _log_onnx_pyfunc(
-        WrapperKind.PROMPT_ONNX, tracking_uri, experiment, onnx_dir, generation, export, source
-    )
+        WrapperKind.PROMPT_ONNX, tracking_uri, experiment, onnx_dir, generation, export, source,
+        onnx_artifact_uri,
+    )  # fmt: skip
 
 
 @task(**_TASK_OPTIONS)
@@ -381,6 +400,7 @@ def log_onnx_chat_model(
     generation: GenerationSpec,
     export: OnnxExportSpec,
     source: dict[str, str],
+    onnx_artifact_uri: str | None = None,
 ) -> LoggedModelRef:
     """Log the onnxruntime-genai folder as an llm/v1/chat pyfunc with the transformers signature.
 
@@ -391,7 +411,10 @@ def log_onnx_chat_model(
         generation: defaults baked into the model config.
         export: how the folder was obtained (logged as params).
         source: `repo` (or `repo_id`) and `commit` the folder came from.
+        onnx_artifact_uri: the release's stored ONNX folder (`store_onnx_folder`) to reference
+            instead of copying `onnx_dir` into the model.
     """
     return _log_onnx_pyfunc(
-        WrapperKind.CHAT_ONNX, tracking_uri, experiment, onnx_dir, generation, export, source
-    )
+        WrapperKind.CHAT_ONNX, tracking_uri, experiment, onnx_dir, generation, export, source,
+        onnx_artifact_uri,
+    )  # fmt: skip

@@ -28,12 +28,15 @@ import httpx
 import psutil
 from filelock import FileLock
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict
 
 from slmops.config import WrapperKind
+from slmops.serving_memory import SwitchPlan, expected_server_bytes, plan_switch
 
 HUB_TOKEN_VARIABLES = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
+DEFAULT_REQUEST_TIMEOUT_S = 60.0  # MLflow's scoring server default
 
 
 class ProcessHandle(BaseModel):
@@ -59,6 +62,7 @@ class ServerHandle(ProcessHandle):
 
     kind: WrapperKind
     model_uri: str
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S  # the server's limit per request
 
 
 class ServerStatus(BaseModel):
@@ -161,6 +165,7 @@ def launch_server(
     servers_dir: Path,
     tracking_uri: str,
     startup_timeout_s: float,
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> ServerHandle:
     """Start `mlflow models serve` and wait until `/ping` answers; kill it if it never does."""
     servers_dir.mkdir(parents=True, exist_ok=True)
@@ -170,6 +175,9 @@ def launch_server(
         **{k: v for k, v in os.environ.items() if k not in HUB_TOKEN_VARIABLES},
         "MLFLOW_TRACKING_URI": tracking_uri,
         "MLFLOW_REGISTRY_URI": tracking_uri,
+        # Past it a request gets a 504: Phi-3-mini in bf16 on 2 cores needs ~55 s for a
+        # 32-token answer, so the default 60 s is too short for the real model.
+        "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(int(request_timeout_s)),
         # `mlflow models serve --env-manager local` execs uvicorn from PATH.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
@@ -185,6 +193,7 @@ def launch_server(
         name=name,
         kind=kind,
         model_uri=model_uri,
+        request_timeout_s=request_timeout_s,
         host=host,
         port=port,
         pid=pid,
@@ -275,7 +284,7 @@ def ask(handle: ServerHandle, question: str, max_tokens: int = 32, timeout: floa
     response = httpx.post(
         f"{handle.url}/invocations",
         json=sample_request(handle.kind, question, max_tokens),
-        timeout=timeout,
+        timeout=max(timeout, handle.request_timeout_s + 10.0),  # the server gives up first
     )
     if response.status_code != 200:
         raise ServingError(
@@ -340,6 +349,166 @@ class ServeResult(BaseModel):
     answer: str
     replaced: ServerHandle | None = None
     reused: bool = False
+    switch: SwitchPlan | None = None  # the memory check's verdict, when a server was started
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def local_model_folder(model_uri: str, tracking_uri: str) -> Path:
+    """A model's folder on local disk: the stored one itself for a local artifact store.
+
+    Resolved with a client of `tracking_uri`: `download_artifacts("models:/...")` would ask
+    the process-wide registry, which need not be `tracking_uri`.
+    """
+    import mlflow
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    location = model_uri
+    if model_uri.startswith("models:/"):
+        ref = resolve_alias(model_uri, tracking_uri).removeprefix("models:/")
+        if not ref.startswith("m-"):
+            name, version = ref.rsplit("/", 1)
+            found = client.get_model_version(name, version)
+            ref = _version_model_id(found) or ""
+            location = str(found.source)
+        if ref.startswith("m-"):
+            # The LoggedModel's own location: `models:/m-...` would be copied to a temp folder.
+            location = client.get_logged_model(ref).artifact_location
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=location))
+
+
+def model_files_bytes(model_uri: str, tracking_uri: str) -> int:
+    """Bytes of a model's files, the shared ONNX folder it references included.
+
+    For a local store this reads the stored folders in place (no download).
+    """
+    import mlflow
+    import yaml
+
+    folder = local_model_folder(model_uri, tracking_uri)
+    total = _folder_bytes(folder)
+    mlmodel = (
+        yaml.safe_load((folder / "MLmodel").read_text()) if (folder / "MLmodel").exists() else {}
+    )
+    pyfunc_conf = (mlmodel or {}).get("flavors", {}).get("python_function", {})
+    onnx_uri = (pyfunc_conf.get("config") or {}).get("onnx_model_uri")  # model_config
+    if onnx_uri:
+        shared = mlflow.artifacts.download_artifacts(artifact_uri=str(onnx_uri))
+        total += _folder_bytes(Path(shared))
+    return total
+
+
+def process_tree_rss(pid: int) -> int:
+    """RSS of a process and its descendants (a server's uvicorn workers included)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_info().rss
+    return total
+
+
+def running_servers_rss(servers_dir: Path) -> dict[str, int]:
+    """name -> measured RSS of every running managed server (model servers and front door)."""
+    rss = {}
+    for name in [*served_names(servers_dir), FRONT_DOOR]:
+        path = state_path(servers_dir, name)
+        if not path.exists():
+            continue
+        handle = ProcessHandle.model_validate_json(path.read_text())
+        if is_running(handle):
+            rss[name] = process_tree_rss(handle.pid)
+    return rss
+
+
+def plan_server_switch(
+    servers_dir: Path, name: str, model_uri: str, tracking_uri: str, budget_gb: float | None
+) -> SwitchPlan:
+    """Measure the running servers and size the new model: blue/green, stop-first or refuse."""
+    running = running_servers_rss(servers_dir)
+    try:
+        files = model_files_bytes(model_uri, tracking_uri)
+    except MlflowException as error:  # before starting anything: the old server stays
+        raise ServingError(f"{name}: cannot serve {model_uri}: {error.message}") from error
+    return plan_switch(
+        running_bytes=sum(running.values()),
+        replaced_bytes=running.get(name, 0),
+        new_bytes=expected_server_bytes(files),
+        available_bytes=int(psutil.virtual_memory().available),
+        budget_bytes=int(budget_gb * 1e9) if budget_gb is not None else None,  # GB, as named
+    )
+
+
+class RoomReport(BaseModel):
+    """What `make_room_for_model` found, and whether it stopped a server."""
+
+    model_config = ConfigDict(frozen=True)
+
+    plan: SwitchPlan | None = None  # None: the model is registered already (validated before)
+    stopped: ServerHandle | None = None
+
+
+def _registered_model_ids(name: str, tracking_uri: str) -> set[str]:
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except Exception:  # no such registered model yet
+        return set()
+    return {model_id for v in versions if (model_id := _version_model_id(v))}
+
+
+def _version_model_id(version: Any) -> str | None:
+    """The LoggedModel behind a model version (its `model_id`, or its `models:/m-...` source)."""
+    model_id = getattr(version, "model_id", None)
+    if model_id:
+        return str(model_id)
+    source = str(version.source or "")
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+
+@task(task_run_name="make-room-{name}")
+def make_room_for_model(
+    model_uri: str,
+    name: str,
+    servers_dir: Path,
+    tracking_uri: str,
+    memory_budget_gb: float | None = None,
+) -> RoomReport:
+    """Before loading `model_uri` in this process (validation), make sure it fits in memory.
+
+    Validating a new version loads it beside the running servers, the old version of the same
+    model included: for Phi-3-mini's transformers wrapper that is 7.7 GB on top of every
+    server. If it cannot fit under the budget and the available memory, the server of `name`
+    (the version being replaced) is stopped first, with the gap reported, rather than letting
+    the kernel pick a victim; if it cannot fit even then, this is an error and nothing is
+    stopped.
+    """
+    import gc
+
+    if model_uri.removeprefix("models:/") in _registered_model_ids(name, tracking_uri):
+        # Registered by an earlier run, so validated then: its validation is a cache hit
+        # and loads nothing (a re-run must not stop a server for nothing).
+        return RoomReport()
+    gc.collect()  # the previous model validated in this process, if cycles still hold it
+    plan = plan_server_switch(servers_dir, name, model_uri, tracking_uri, memory_budget_gb)
+    logger = get_run_logger()
+    if plan.order == "refuse":
+        raise ServingError(f"{name}: cannot load {model_uri} to validate it: {plan.describe()}")
+    if plan.order == "blue-green":
+        logger.info("%s: room to validate %s beside the servers: %s", name, model_uri,
+                    plan.describe())  # fmt: skip
+        return RoomReport(plan=plan)
+    logger.warning(
+        "%s: to validate %s, %s", name, model_uri, plan.describe().replace("new one", "new version")
+    )
+    stopped = stop_model_server(servers_dir, name)
+    return RoomReport(plan=plan, stopped=stopped.handle)
 
 
 @task(retries=1, retry_delay_seconds=5, task_run_name="serve-{name}")
@@ -354,8 +523,16 @@ def serve_model(
     tracking_uri: str,
     startup_timeout_s: float,
     smoke_question: str,
+    memory_budget_gb: float | None = None,
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> ServeResult:
-    """Serve `model_uri` as `name`: reuse a healthy server of the same URI, else start, check, switch."""
+    """Serve `model_uri` as `name`: reuse a healthy server of the same URI, else start, check, switch.
+
+    Before starting, the running servers' measured RSS plus the new model's expected size is
+    checked against `memory_budget_gb` and the available memory (`slmops.serving_memory`): if
+    both servers cannot be up at once, the old one is stopped first (reported as a gap in
+    service); if even that cannot fit, nothing is started and the old server keeps serving.
+    """
     logger = get_run_logger()
     # Two runs serving `name` at once would both replace the same old server and one new server
     # would be left running, in no state file; the second run waits and then replaces the first.
@@ -368,14 +545,29 @@ def serve_model(
             answer = check_server(current.handle, smoke_question)
             logger.info("%s already serves %s on %s", name, model_uri, current.handle.url)
             return ServeResult(handle=current.handle, answer=answer, reused=True)
+        plan = plan_server_switch(servers_dir, name, model_uri, tracking_uri, memory_budget_gb)
+        if plan.order == "refuse":
+            raise ServingError(f"{name}: {plan.describe()}")
+        old_running = current.handle is not None and is_running(current.handle)
+        if plan.order == "stop-first" and current.handle is not None:
+            logger.warning("%s: %s", name, plan.describe())
+            terminate(current.handle)
+        else:
+            logger.info("%s: %s", name, plan.describe())
         port = choose_port(host, base_port, slot, current.handle)
-        handle = launch_server(
-            model_uri, name, kind, host, port, servers_dir, tracking_uri, startup_timeout_s
-        )
         try:
-            answer = check_server(handle, smoke_question)
+            handle = launch_server(
+                model_uri, name, kind, host, port, servers_dir, tracking_uri, startup_timeout_s,
+                request_timeout_s,
+            )  # fmt: skip
+            try:
+                answer = check_server(handle, smoke_question)
+            except Exception:
+                terminate(handle)  # in blue/green order the old server keeps serving
+                raise
         except Exception:
-            terminate(handle)  # the old server, if any, keeps serving
+            if plan.order == "stop-first" and current.handle is not None and old_running:
+                _restart_replaced(current.handle, servers_dir, tracking_uri, startup_timeout_s)
             raise
         _write_handle(servers_dir, handle)
         if current.handle is not None:
@@ -388,7 +580,22 @@ def serve_model(
         smoke_question,
         answer,
     )
-    return ServeResult(handle=handle, answer=answer, replaced=current.handle)
+    return ServeResult(handle=handle, answer=answer, replaced=current.handle, switch=plan)
+
+
+def _restart_replaced(
+    old: ServerHandle, servers_dir: Path, tracking_uri: str, startup_timeout_s: float
+) -> None:
+    """Best effort after a failed stop-first switch: serve the old version again."""
+    try:
+        restarted = launch_server(
+            old.model_uri, old.name, old.kind, old.host, old.port, servers_dir, tracking_uri,
+            startup_timeout_s, old.request_timeout_s,
+        )  # fmt: skip
+    except ServingError:
+        get_run_logger().exception("%s: could not restart %s", old.name, old.model_uri)
+        return
+    _write_handle(servers_dir, restarted)
 
 
 def served_names(servers_dir: Path) -> list[str]:

@@ -308,10 +308,22 @@ TRANSIENT_FAULTS: dict[str, Callable[[int], Faults]] = {
 }
 
 
+@pytest.fixture()
+def resume_pauses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """huggingface_hub sleeps 1 s before each of its own resume attempts of a download
+    (`file_download.http_get`); the attempts still happen, the pauses are only recorded."""
+    import huggingface_hub.file_download as file_download
+
+    pauses: list[float] = []
+    monkeypatch.setattr(file_download, "time", SimpleNamespace(sleep=pauses.append))
+    return pauses
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("fault", TRANSIENT_FAULTS)
 def test_transient_fault_fails_without_retries_and_is_survived_with_them(
     prefect_harness: None,
+    resume_pauses: list[float],
     fake_hub: FakeHub,
     embedded_repos: dict[str, Path],
     tmp_path: Path,
@@ -335,6 +347,8 @@ def test_transient_fault_fails_without_retries_and_is_survived_with_them(
     assert is_transient(failure.value), repr(failure.value)
     attempt_requests = faulty_requests()
     assert attempt_requests >= 1
+    if attempt_requests > 1:  # huggingface_hub resumed (and would have paused) in between
+        assert len(resume_pauses) >= attempt_requests - 1
 
     # The same fault for exactly one attempt's worth of requests: the task's retry gets through.
     fake_hub.reset_counts()

@@ -15,16 +15,16 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow import MlflowClient
 from prefect.logging import disable_run_logger
 
 from slmops.config import WrapperKind
-from slmops.promotion import CHALLENGER, CHAMPION
-from tasks.registry import SOURCE_MODEL_TAG, promote_version, read_state
+from slmops.promotion import CHAMPION
+from tasks.registry import promote_version, read_state
 from tasks.serving import ask, healthy, serve_model, status_of, stop_model_server
-from tests.test_registry import log_echo_model, register
+from tests.support.consistency import assert_consistent, servers_of_store
+from tests.support.echo_versions import log_echo_model, register
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 120.0
@@ -40,7 +40,7 @@ import json, os, sys, time
 from pathlib import Path
 from prefect.logging import disable_run_logger
 from tasks.registry import promote_version, register_version
-from tests.test_registry import log_echo_model
+from tests.support.echo_versions import log_echo_model
 
 store, work, index = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 workers, rounds, promote = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
@@ -142,19 +142,6 @@ def run_at_once(
     return [json.loads(out.read_text().strip().splitlines()[-1]) for out, _ in logs]
 
 
-def assert_consistent(tracking_uri: str, name: str) -> None:
-    """One Production version, @champion on it, nothing left half-promoted, no duplicates."""
-    client = MlflowClient(tracking_uri=tracking_uri)
-    state = read_state(client, name)
-    production = [v for v, stage in state.stages.items() if stage == "Production"]
-    assert len(production) == 1, state
-    assert state.aliases.get(CHAMPION) == production[0], state
-    assert "Staging" not in state.stages.values() and CHALLENGER not in state.aliases, state
-    assert set(state.stages) == set(range(1, len(state.stages) + 1)), state  # none lost
-    sources = [v.tags[SOURCE_MODEL_TAG] for v in client.search_model_versions(f"name='{name}'")]
-    assert len(sources) == len(set(sources)), f"a logged model registered twice: {sources}"
-
-
 @pytest.mark.integration
 def test_logged_models_registered_by_runs_at_once_are_one_version_each(tracking_uri, tmp_path):
     # Runs that share cached logged models register the same URIs at about the same time.
@@ -195,21 +182,6 @@ def test_runs_registering_and_promoting_at_once_leave_a_consistent_registry(trac
     assert sorted(state.stages.values()) == ["Archived"] * WORKERS * ROUNDS + ["Production"]
     # The last promotion to finish is the champion: some worker's last version.
     assert state.production_version() in {r["versions"][-1] for r in results}
-
-
-def servers_of_store(tracking_uri: str) -> list[psutil.Process]:
-    """Every `mlflow models serve` process serving from this store (each test has its own)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "models serve" not in cmdline:
-            continue
-        try:
-            if proc.environ().get("MLFLOW_TRACKING_URI") == tracking_uri:
-                found.append(proc)
-        except (psutil.AccessDenied, psutil.NoSuchProcess):
-            continue
-    return found
 
 
 @pytest.mark.e2e

@@ -1,0 +1,293 @@
+"""The full-size rehearsal: what releasing Phi-3-mini costs on this machine (issue 10).
+
+Runs the release flow with `deployments/phi3-mini.yaml`'s settings pointed at the Phi-3-mini
+twin (`offline_kit.twin_model`: the real config, random bf16 weights, 7.6 GB in two shards, and its
+int4 ONNX release) served by the loopback fake hub, as operators run it (a subprocess per flow,
+own SLMOPS_HOME and PREFECT_HOME), in four stages:
+
+1. `cold`: a first release (fetch, log, validate, register, promote, serve three servers);
+2. `cached`: the same release again (nothing should be fetched, exported or logged);
+3. `new-commit`: a release of a changed commit (the twin with other weights), so that every
+   server is switched to a new version;
+4. `rollback`: chat-transformers back to version 1.
+
+Per stage: wall time, the peak RSS of the flow process tree and of each model server's process
+tree (sampled every 0.5 s; servers found by their state files), the peak of their sum and of
+the machine's used memory (total - available, other users included), bytes written by the flow
+process tree (/proc io counters, per process), bytes stored under SLMOPS_HOME, free disk before
+and after, and the memory check's verdict per server switch (from the flow's log).
+
+Validation settings are parameters only (`generation.max_new_tokens`, as for any model); the
+twin's generation is deterministic and bounded by construction.
+
+    python -m benchmarks.fullsize [--layers 32] [--max-new-tokens 8] [--budget-gb 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from benchmarks.midsize import bench_cache, tiny_model_dir
+from benchmarks.recording import REPO_ROOT, Metric, PartResult, check, write_results
+from benchmarks.sandbox import ReleaseSandbox
+
+GB = 1e9
+FIRST_SEED, SECOND_SEED = 20260611, 20260612
+_SWITCH_LINE = re.compile(
+    r"(phi3-mini-[a-z-]+): ((?:blue/green switch|stopping the old|not starting)[^\n]*)"
+)
+
+
+@dataclass
+class Peaks:
+    """Peak RSS per process group, sampled while a stage runs."""
+
+    flow: int = 0
+    servers: dict[str, int] = field(default_factory=dict)
+    ours_total: int = 0  # flow tree + every server tree, at the same moment
+    machine_used: int = 0  # total - available: every process on the machine
+    written: dict[int, int] = field(default_factory=dict)  # pid -> write_bytes seen
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _rss(procs: list[psutil.Process]) -> int:
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_info().rss
+    return total
+
+
+def _server_pids(servers_dir: Path) -> dict[str, int]:
+    pids = {}
+    for path in servers_dir.glob("*.json"):
+        try:
+            pids[path.stem] = int(json.loads(path.read_text())["pid"])
+        except (ValueError, KeyError, OSError):
+            continue
+    return pids
+
+
+class Sampler(threading.Thread):
+    """Samples the flow process tree, the servers and the machine until stopped."""
+
+    def __init__(self, flow_pid: int, servers_dir: Path, interval_s: float = 0.5):
+        super().__init__(daemon=True)
+        self.flow_pid, self.servers_dir, self.interval_s = flow_pid, servers_dir, interval_s
+        self.peaks = Peaks()
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.sample()
+            self._done.wait(self.interval_s)
+
+    def sample(self) -> None:
+        servers = {name: _tree(pid) for name, pid in _server_pids(self.servers_dir).items()}
+        server_pids = {p.pid for procs in servers.values() for p in procs}
+        flow = [p for p in _tree(self.flow_pid) if p.pid not in server_pids]
+        flow_rss = _rss(flow)
+        total = flow_rss
+        peaks = self.peaks
+        peaks.flow = max(peaks.flow, flow_rss)
+        for name, procs in servers.items():
+            rss = _rss(procs)
+            total += rss
+            peaks.servers[name] = max(peaks.servers.get(name, 0), rss)
+        peaks.ours_total = max(peaks.ours_total, total)
+        memory = psutil.virtual_memory()
+        peaks.machine_used = max(peaks.machine_used, memory.total - memory.available)
+        for proc in flow:
+            try:
+                written = proc.io_counters().write_bytes
+            except (psutil.Error, AttributeError):
+                continue
+            peaks.written[proc.pid] = max(peaks.written.get(proc.pid, 0), written)
+
+    def stop(self) -> Peaks:
+        self._done.set()
+        self.join()
+        self.sample()
+        return self.peaks
+
+
+def _folder_bytes(folder: Path) -> int:
+    if not folder.exists():
+        return 0
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def release_config(max_new_tokens: int, budget_gb: float | None) -> dict[str, Any]:
+    """deployments/phi3-mini.yaml, pointed at the twin's repos, with the rehearsal's knobs."""
+    from offline_kit.twin_model import TWIN_ONNX_REPO_ID, TWIN_REPO_ID
+
+    config = yaml.safe_load((REPO_ROOT / "deployments" / "phi3-mini.yaml").read_text())["config"]
+    config["hub"].update(repo_id=TWIN_REPO_ID, onnx_repo_id=TWIN_ONNX_REPO_ID)
+    config["generation"]["max_new_tokens"] = max_new_tokens
+    config["serve"]["memory_budget_gb"] = budget_gb
+    return config
+
+
+@dataclass
+class Stage:
+    name: str
+    argv: list[str]
+
+
+def run_stage(sandbox: ReleaseSandbox, stage: Stage, hub_endpoint: str) -> dict[str, Any]:
+    env = {**sandbox.env, "HF_ENDPOINT": hub_endpoint}
+    log_path = sandbox.root / f"{stage.name}.log"
+    free_before = shutil.disk_usage(sandbox.root).free
+    stored_before = _folder_bytes(sandbox.home)
+    load_before = psutil.getloadavg()
+    started = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, *stage.argv], cwd=REPO_ROOT, env=env, stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        sampler = Sampler(proc.pid, sandbox.home / "servers")
+        sampler.start()
+        returncode = proc.wait()
+    wall = time.perf_counter() - started
+    peaks = sampler.stop()
+    text = log_path.read_text(errors="replace")
+    switches = sorted({f"{m[1]}: {m[2]}" for m in _SWITCH_LINE.finditer(text)})
+    return {
+        "stage": stage.name,
+        "rc": returncode,
+        "wall_s": round(wall, 1),
+        "flow_peak_rss_gb": round(peaks.flow / GB, 2),
+        **{f"{name}_peak_rss_gb": round(v / GB, 2) for name, v in sorted(peaks.servers.items())},
+        "ours_peak_rss_gb": round(peaks.ours_total / GB, 2),
+        "machine_peak_used_gb": round(peaks.machine_used / GB, 2),
+        "written_gb": round(sum(peaks.written.values()) / GB, 2),
+        "stored_delta_gb": round((_folder_bytes(sandbox.home) - stored_before) / GB, 2),
+        "free_disk_before_gb": round(free_before / GB, 1),
+        "free_disk_after_gb": round(shutil.disk_usage(sandbox.root).free / GB, 1),
+        "load_before": [round(x, 2) for x in load_before],
+        "switches": switches,
+        "log_tail": "\n".join(text.splitlines()[-8:]) if returncode else "",
+    }
+
+
+def _twin(layers: int, seed: int):
+    from offline_kit.twin_model import ensure_twin_repos
+
+    return ensure_twin_repos(
+        bench_cache() / "twin", tiny_model_dir(bench_cache()), num_layers=layers, seed=seed
+    )
+
+
+def main(argv: list[str] | None = None) -> PartResult:
+    from offline_kit.fake_hub import FakeHub
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=32, help="32 = full size; 1-2 for CI size")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--budget-gb", type=float, default=20.0, help="serve.memory_budget_gb")
+    parser.add_argument("--keep", action="store_true", help="keep the sandbox folder")
+    parser.add_argument(
+        "--reclaim-disk",
+        action="store_true",
+        help="delete the first twin once its stages ran (a full-size run needs ~60 GB free)",
+    )
+    args = parser.parse_args(argv)
+
+    result = PartResult(part="fullsize", title="Releasing the Phi-3-mini twin: what it costs")
+    result.quick = args.layers < 32
+    started = time.perf_counter()
+    first, second = _twin(args.layers, FIRST_SEED), _twin(args.layers, SECOND_SEED)
+    config = release_config(args.max_new_tokens, args.budget_gb)
+    release = Stage("release", ["-m", "flows.release", json.dumps(config)])
+    rollback_config = {
+        "kind": "chat-transformers", "version": 1, "reason": "rehearsal rollback",
+        "registry": config["registry"], "serve": config["serve"],
+    }  # fmt: skip
+    rollback = Stage(
+        "rollback",
+        ["-c", "import sys; from flows.rollback import rollback; from slmops.config import "
+         "RollbackConfig; rollback(RollbackConfig.model_validate_json(sys.argv[1]))",
+         json.dumps(rollback_config)],
+    )  # fmt: skip
+    rows = []
+    with ReleaseSandbox("fullsize", keep=args.keep) as sandbox:
+        # A persistent Prefect server, as deployments use: no stage pays for starting (and
+        # migrating the database of) a temporary one.
+        sandbox.env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
+        sandbox.start_prefect_server()
+        with FakeHub(first.as_hub_repos()) as hub:
+            for name in ("cold", "cached"):
+                rows.append(run_stage(sandbox, Stage(name, release.argv), hub.endpoint))
+                print(json.dumps(rows[-1]), flush=True)
+        if args.reclaim_disk:  # its files live on in the HF cache and the MLflow store
+            for folder in (first.model_dir, first.onnx_repo_dir):
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
+        with FakeHub(second.as_hub_repos()) as hub:
+            rows.append(run_stage(sandbox, Stage("new-commit", release.argv), hub.endpoint))
+            print(json.dumps(rows[-1]), flush=True)
+            rows.append(run_stage(sandbox, rollback, hub.endpoint))
+            print(json.dumps(rows[-1]), flush=True)
+        stored = _folder_bytes(sandbox.home)
+    result.wall_s = time.perf_counter() - started
+
+    by_stage = {row["stage"]: row for row in rows}
+    cold, cached = by_stage["cold"], by_stage["cached"]
+    ratio = cached["wall_s"] / cold["wall_s"] if cold["wall_s"] else None
+    peak_ours = max(row["ours_peak_rss_gb"] for row in rows)
+    result.add(
+        Metric("stages that exited 0", sum(r["rc"] == 0 for r in rows), f"of {len(rows)}",
+               f">= {len(rows)}", sum(r["rc"] == 0 for r in rows) == len(rows)),
+        Metric("cold release", cold["wall_s"], "s"),
+        Metric("cached re-run / cold", round(ratio, 3) if ratio else None, "", "<= 0.05",
+               check(ratio, "<=", 0.05)),
+        Metric("peak RSS, flow + servers", peak_ours, "GB", "<= 20",
+               check(peak_ours, "<=", 20.0)),
+        Metric("peak machine memory used", max(r["machine_peak_used_gb"] for r in rows), "GB",
+               note="total - available, other users included"),
+        Metric("stored under SLMOPS_HOME after all stages", round(stored / GB, 2), "GB"),
+    )  # fmt: skip
+    result.tables["stages"] = [
+        {k: v for k, v in row.items() if k not in ("switches", "log_tail")} for row in rows
+    ]
+    result.tables["server switches"] = [
+        {"stage": row["stage"], "switch": s} for row in rows for s in row["switches"]
+    ]
+    result.details = {
+        "layers": args.layers,
+        "max_new_tokens": args.max_new_tokens,
+        "budget_gb": args.budget_gb,
+        "twin_weights_gb": round(_folder_bytes(first.model_dir) / GB, 2),
+        "twin_onnx_gb": round(_folder_bytes(first.onnx_repo_dir) / GB, 2)
+        if first.onnx_repo_dir
+        else None,
+        "failures": {row["stage"]: row["log_tail"] for row in rows if row["rc"]},
+    }
+    print(write_results(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

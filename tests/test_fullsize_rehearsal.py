@@ -1,0 +1,368 @@
+"""The full-size rehearsal's code path at CI size: Phi-3-mini's full width with one layer.
+
+The twin (`offline_kit.twin_model`) with one decoder layer keeps what makes Phi-3-mini expensive
+(hidden 3072, vocab 32064, two bf16 shards: 0.6 GB) and runs the same code as the 32-layer one:
+shard handling, the checkpoint's dtype, the ONNX folder stored once per release, the builder's
+memory guard and the memory check before a server switch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from offline_kit.twin_model import (
+    PHI3_MINI_CONFIG,
+    TWIN_ONNX_REPO_ID,
+    TWIN_REPO_ID,
+    ensure_twin_repos,
+    tensor_plan,
+    twin_config,
+)
+from slmops.config import (
+    PHI3_ONNX_INT4_SUBFOLDER,
+    GenerationSpec,
+    HubSpec,
+    OnnxExportSpec,
+    RegistrySpec,
+    ReleaseConfig,
+    ServeFlowConfig,
+    ServeSpec,
+    Settings,
+    ValidationSpec,
+    WrapperKind,
+)
+from slmops.onnx_builder import (
+    GIB,
+    BuildMemoryError,
+    build_onnx_model,
+    predicted_peak_bytes,
+    run_within_memory,
+)
+from slmops.serving_memory import expected_server_bytes, plan_switch
+from tests.conftest import EMBEDDED_CACHE
+
+PHI3_MINI_PARAMETERS = 3_821_079_552
+
+
+@pytest.fixture(scope="session")
+def twin(tiny_model_dir):
+    """The one-layer twin and its int4 ONNX release, built once per machine (~40 s)."""
+    return ensure_twin_repos(EMBEDDED_CACHE / "twin", tiny_model_dir, num_layers=1)
+
+
+@pytest.mark.unit
+def test_full_size_plan_is_phi3_minis_parameter_count():
+    plan = tensor_plan(twin_config(32))
+    assert sum(p.numel for p in plan) == PHI3_MINI_PARAMETERS
+    assert sum(p.nbytes for p in plan) == 2 * PHI3_MINI_PARAMETERS  # bf16
+
+
+@pytest.mark.unit
+def test_twin_config_rejects_a_layer_count_phi3_mini_does_not_have():
+    with pytest.raises(ValueError, match="num_layers must be between 1 and 32"):
+        twin_config(33)
+
+
+@pytest.mark.integration
+def test_twin_has_phi3_minis_shapes_in_two_bf16_shards(twin):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    config = json.loads((twin.model_dir / "config.json").read_text())
+    for key in ("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads"):
+        assert config[key] == PHI3_MINI_CONFIG[key]
+    assert config["num_hidden_layers"] == 1 and config["torch_dtype"] == "bfloat16"
+    index = json.loads((twin.model_dir / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    seen = {}
+    for shard in shards:
+        with safe_open(str(twin.model_dir / shard), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                seen[name] = f.get_slice(name)
+                assert f.get_slice(name).get_dtype() == "BF16"
+    assert set(seen) == set(index["weight_map"])
+    stored = sum(2 * math.prod(s.get_shape()) for s in seen.values())
+    assert stored == index["metadata"]["total_size"]
+    with safe_open(str(twin.model_dir / index["weight_map"]["lm_head.weight"]), "pt") as f:
+        lm_head = f.get_tensor("lm_head.weight")
+    eos = json.loads((twin.model_dir / "generation_config.json").read_text())["eos_token_id"]
+    # Deterministic, bounded generation: only ids the tokenizer knows, never an early stop.
+    assert lm_head[592:].abs().sum() == 0 and lm_head[eos].abs().sum() == 0
+    printable = [i for i in range(592) if lm_head[i].abs().sum() > 0]
+    assert len(printable) > 100
+    tokenizer = AutoTokenizer.from_pretrained(twin.model_dir)
+    assert all(tokenizer.decode([i], skip_special_tokens=True).strip() for i in printable)
+
+
+@pytest.mark.integration
+def test_streamed_int4_build_equals_the_builders_own(tiny_model_dir, tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    ours = build_onnx_model(tiny_model_dir, tmp_path / "ours", OnnxExportSpec())
+    theirs = tmp_path / "theirs"
+    subprocess.run(
+        [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tiny_model_dir),
+         "-o", str(theirs), "-c", str(tmp_path / "cache"), *OnnxExportSpec().builder_args()],
+        check=True, capture_output=True,
+    )  # fmt: skip
+
+    def load(folder: Path):
+        model = onnx.load(str(folder / "model.onnx"))
+        tensors = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        nodes = [(n.op_type, n.name, list(n.input), list(n.output)) for n in model.graph.node]
+        return tensors, nodes
+
+    our_tensors, our_nodes = load(ours)
+    their_tensors, their_nodes = load(theirs)
+    assert our_nodes == their_nodes
+    assert any(op == "MatMulNBits" for op, *_ in our_nodes)
+    assert our_tensors.keys() == their_tensors.keys()
+    assert all(np.array_equal(our_tensors[k], their_tensors[k]) for k in our_tensors)
+    assert (ours / "genai_config.json").read_text() == (theirs / "genai_config.json").read_text()
+
+
+@pytest.mark.integration
+def test_build_is_refused_when_its_predicted_peak_does_not_fit(tiny_model_dir, tmp_path):
+    spec = OnnxExportSpec()
+    predicted = predicted_peak_bytes(tiny_model_dir, spec)
+    with pytest.raises(BuildMemoryError, match="predicted peak.*short"):
+        build_onnx_model(tiny_model_dir, tmp_path / "out", spec, memory_budget_bytes=predicted - 1)
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing left behind
+
+
+@pytest.mark.unit
+def test_watchdog_stops_a_process_past_its_memory_budget():
+    hog = "b = bytearray(600 << 20); import time; time.sleep(60)"
+    with pytest.raises(BuildMemoryError, match="over its budget of 0.2 GiB"):
+        run_within_memory([sys.executable, "-c", hog], budget_bytes=GIB // 5)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("budget_gib", "order"),
+    [(None, "blue-green"), (20, "blue-green"), (14, "stop-first"), (6, "refuse")],
+)
+def test_switch_order_follows_the_memory_budget(budget_gib, order):
+    plan = plan_switch(
+        running_bytes=10 * GIB,  # the old server (8 GiB) and another (2 GiB)
+        replaced_bytes=8 * GIB,
+        new_bytes=8 * GIB,
+        available_bytes=13 * GIB,
+        budget_bytes=None if budget_gib is None else budget_gib * GIB,
+    )
+    assert plan.order == order
+    assert plan.gap_bytes == max(0, 18 * GIB - min(23, budget_gib or 23) * GIB)
+    assert ("over" in plan.describe()) == (order != "blue-green")
+
+
+@pytest.mark.unit
+def test_switch_stops_first_when_the_machine_cannot_hold_both():
+    plan = plan_switch(
+        running_bytes=8 * GIB, replaced_bytes=8 * GIB, new_bytes=8 * GIB,
+        available_bytes=4 * GIB, budget_bytes=None,
+    )  # fmt: skip
+    assert plan.order == "stop-first" and plan.gap_bytes == 4 * GIB
+
+
+@pytest.fixture(scope="module")
+def twin_release(twin, tmp_path_factory, prefect_harness):
+    """One release of the twin through the fake hub (`source: hub`, as for the real model)."""
+    from flows.release import release
+    from flows.serve import serve
+    from offline_kit.fake_hub import FakeHub
+
+    home = tmp_path_factory.mktemp("twin-home")
+    config = ReleaseConfig(
+        hub=HubSpec(
+            source="hub", repo_id=TWIN_REPO_ID, onnx_repo_id=TWIN_ONNX_REPO_ID,
+            onnx_subfolder=PHI3_ONNX_INT4_SUBFOLDER,
+        ),
+        onnx=OnnxExportSpec(source="hub"),
+        generation=GenerationSpec(max_new_tokens=4),
+        validation=ValidationSpec(reference_answers=False),  # random weights: structure only
+        registry=RegistrySpec(name_prefix="phi3-mini-twin"),
+        serve=ServeSpec(kinds=(WrapperKind.CHAT_TRANSFORMERS, WrapperKind.PROMPT_ONNX),
+                        front_door=False),
+        runtime_parity=False,
+    )  # fmt: skip
+    with FakeHub(twin.as_hub_repos()) as hub, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLMOPS_HOME", str(home))
+        patch.setenv("HF_ENDPOINT", hub.endpoint)
+        settings = Settings.from_env()
+        report = release(config)
+        yield settings, config, report
+        serve(ServeFlowConfig(action="stop", registry=config.registry, serve=config.serve))
+
+
+def _mlmodel(settings: Settings, model_uri: str) -> dict:
+    from tasks.serving import local_model_folder
+
+    folder = local_model_folder(model_uri, settings.tracking_uri)
+    assert folder.is_relative_to(settings.home / "mlartifacts")  # the stored folder, not a copy
+    return yaml.safe_load((folder / "MLmodel").read_text())
+
+
+@pytest.mark.e2e
+def test_twin_release_is_validated_promoted_and_served(twin_release):
+    _, config, report = twin_release
+    for outcome in report.outcomes:
+        assert outcome.validation_passed and outcome.promoted, outcome.validation_summary
+    served = {o.kind for o in report.outcomes if o.endpoint}
+    assert served == set(config.serve.kinds)
+
+
+@pytest.mark.e2e
+def test_twin_release_fetched_both_shards(twin_release):
+    settings, _, report = twin_release
+    hf_home = settings.cache_dir / "huggingface"
+    shards = {p.name for p in hf_home.rglob("model-0000*-of-00002.safetensors")}
+    assert shards == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+    assert list(hf_home.rglob("model.safetensors.index.json"))
+
+
+@pytest.mark.e2e
+def test_transformers_wrapper_is_stored_and_loaded_in_bf16(twin_release):
+    import mlflow
+    import torch
+
+    settings, _, report = twin_release
+    outcome = next(o for o in report.outcomes if o.kind is WrapperKind.CHAT_TRANSFORMERS)
+    uri = outcome.model_uri
+    flavor = _mlmodel(settings, uri)["flavors"]["transformers"]
+    registered = f"models:/{outcome.registered_model}/{outcome.version}"
+    assert _mlmodel(settings, registered)["flavors"]["transformers"] == flavor
+    assert flavor["torch_dtype"] == "torch.bfloat16"
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    try:
+        # What `mlflow models serve` runs to load it.
+        pipeline = mlflow.transformers.load_model(uri)
+    finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+    assert pipeline.model.dtype == torch.bfloat16
+
+
+@pytest.mark.e2e
+def test_onnx_folder_is_stored_once_and_shared_by_both_wrappers(twin_release):
+    settings, _, report = twin_release
+    onnx_uris = set()
+    for outcome in report.outcomes:
+        if outcome.kind is WrapperKind.CHAT_TRANSFORMERS:
+            continue
+        conf = _mlmodel(settings, outcome.model_uri)["flavors"]["python_function"]
+        onnx_uris.add(conf["config"]["onnx_model_uri"])  # the model_config
+    assert len(onnx_uris) == 1
+    stored = list((settings.home / "mlartifacts").rglob("model.onnx.data"))
+    assert len(stored) == 1, stored
+    assert stored[0].parent == Path(onnx_uris.pop().removeprefix("file://"))
+
+
+@pytest.mark.e2e
+def test_a_switch_that_cannot_fit_beside_the_old_server_stops_it_first(twin_release):
+    from tasks.serving import (
+        ServingError,
+        is_running,
+        model_files_bytes,
+        running_servers_rss,
+        serve_model,
+        status_of,
+    )
+
+    settings, config, report = twin_release
+    outcome = next(o for o in report.outcomes if o.kind is WrapperKind.PROMPT_ONNX)
+    name = outcome.registered_model
+    old = status_of(settings.servers_dir, name).handle
+    assert old is not None
+    running = running_servers_rss(settings.servers_dir)
+    new_bytes = expected_server_bytes(model_files_bytes(outcome.model_uri, settings.tracking_uri))
+    without_old = sum(running.values()) - running[name] + new_bytes
+    serve = serve_model.with_options(retries=0)
+    args = (outcome.model_uri, name, outcome.kind, "127.0.0.1", None, 1, settings.servers_dir,
+            settings.tracking_uri, config.serve.startup_timeout_s, "Hello")  # fmt: skip
+
+    # Too small even without the old server: refused, and the old server keeps serving.
+    with pytest.raises(ServingError, match="not starting the new server"):
+        serve(*args, memory_budget_gb=(without_old - GIB // 4) / 1e9)
+    assert status_of(settings.servers_dir, name).state == "serving"
+
+    # Room for the new server only once the old one is gone: memory-safe order.
+    result = serve(*args, memory_budget_gb=(without_old + GIB // 8) / 1e9)
+    assert result.switch is not None and result.switch.order == "stop-first"
+    assert result.switch.gap_bytes > 0
+    assert status_of(settings.servers_dir, name).handle.model_uri == outcome.model_uri
+    assert not is_running(old)
+
+
+@pytest.mark.integration
+def test_logging_writes_each_models_bytes_once(twin, tracking_uri):
+    import psutil
+
+    from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
+    from tasks.onnx_storage import folder_bytes, store_onnx_folder
+
+    me = psutil.Process()
+    source = {"repo": TWIN_REPO_ID, "commit": "0123abcd"}
+    generation, export = GenerationSpec(max_new_tokens=4), OnnxExportSpec(source="hub")
+    onnx_dir = twin.onnx_repo_dir / PHI3_ONNX_INT4_SUBFOLDER
+    slack = 8 << 20  # MLmodel, requirements, tokenizer files, the SQLite store
+
+    before = me.io_counters().write_chars
+    log_chat_pipeline.fn(tracking_uri, "release", twin.model_dir, generation, source)
+    weights = sum(p.stat().st_size for p in twin.model_dir.glob("*.safetensors"))
+    assert me.io_counters().write_chars - before <= 1.05 * weights + slack
+
+    before = me.io_counters().write_chars
+    stored = store_onnx_folder.fn(tracking_uri, "release", onnx_dir, export, source)
+    for log in (log_onnx_prompt_model, log_onnx_chat_model):
+        log.fn(tracking_uri, "release", onnx_dir, generation, export, source, stored.artifact_uri)
+    assert me.io_counters().write_chars - before <= 1.05 * folder_bytes(onnx_dir) + slack
+    # Stored once: a second store of the same folder finds the first.
+    again = store_onnx_folder.fn(tracking_uri, "release", onnx_dir, export, source)
+    assert again.reused and again.artifact_uri == stored.artifact_uri
+
+
+@pytest.mark.e2e
+def test_validating_a_new_version_that_cannot_fit_stops_its_old_server_first(twin_release):
+    from slmops.serving_memory import expected_server_bytes
+    from tasks.mlflow_models import log_onnx_prompt_model
+    from tasks.serving import (
+        make_room_for_model,
+        model_files_bytes,
+        running_servers_rss,
+        status_of,
+    )
+
+    settings, config, report = twin_release
+    outcome = next(o for o in report.outcomes if o.kind is WrapperKind.CHAT_TRANSFORMERS)
+    name = outcome.registered_model
+    # Registered (so validated) already: a re-run loads nothing and stops nothing.
+    assert make_room_for_model(outcome.model_uri, name, settings.servers_dir,
+                               settings.tracking_uri, 0.001).plan is None  # fmt: skip
+    assert status_of(settings.servers_dir, name).state == "serving"
+
+    onnx = next(o for o in report.outcomes if o.kind is WrapperKind.PROMPT_ONNX)
+    conf = _mlmodel(settings, onnx.model_uri)["flavors"]["python_function"]["config"]
+    twin_dir = Path(conf["onnx_model_uri"].removeprefix("file://"))
+    new = log_onnx_prompt_model.fn(
+        settings.tracking_uri, "release", twin_dir, GenerationSpec(max_new_tokens=4),
+        OnnxExportSpec(source="hub"), {"repo": TWIN_REPO_ID, "commit": "feedbeef"},
+        conf["onnx_model_uri"],
+    )  # fmt: skip
+    running = running_servers_rss(settings.servers_dir)
+    need = expected_server_bytes(model_files_bytes(new.model_uri, settings.tracking_uri))
+    room = make_room_for_model(
+        new.model_uri, name, settings.servers_dir, settings.tracking_uri,
+        (sum(running.values()) - running[name] + need + GIB // 8) / 1e9,
+    )  # fmt: skip
+    assert room.plan is not None and room.plan.order == "stop-first"
+    assert room.stopped is not None and room.stopped.name == name
+    assert status_of(settings.servers_dir, name).state == "absent"
