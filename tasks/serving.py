@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict
 
-from slmops.config import WrapperKind
+from slmops.config import ModelServerSpec, WrapperKind
 from slmops.serving_memory import SwitchPlan, expected_server_bytes, plan_switch
 
 HUB_TOKEN_VARIABLES = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
@@ -511,41 +511,37 @@ def make_room_for_model(
     return RoomReport(plan=plan, stopped=stopped.handle)
 
 
-@task(retries=1, retry_delay_seconds=5, task_run_name="serve-{name}")
-def serve_model(
-    model_uri: str,
-    name: str,
-    kind: WrapperKind,
-    host: str,
-    base_port: int | None,
-    slot: int,
-    servers_dir: Path,
-    tracking_uri: str,
-    startup_timeout_s: float,
-    smoke_question: str,
-    memory_budget_gb: float | None = None,
-    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-) -> ServeResult:
-    """Serve `model_uri` as `name`: reuse a healthy server of the same URI, else start, check, switch.
+@task(retries=1, retry_delay_seconds=5, task_run_name="serve-{spec.name}")
+def serve_model(spec: ModelServerSpec, servers_dir: Path, tracking_uri: str) -> ServeResult:
+    """Serve `spec.model_uri` as `spec.name`: reuse a healthy server of the same URI, else
+    start, check, switch.
 
     Before starting, the running servers' measured RSS plus the new model's expected size is
-    checked against `memory_budget_gb` and the available memory (`slmops.serving_memory`): if
-    both servers cannot be up at once, the old one is stopped first (reported as a gap in
-    service); if even that cannot fit, nothing is started and the old server keeps serving.
+    checked against `spec.memory_budget_gb` and the available memory
+    (`slmops.serving_memory`): if both servers cannot be up at once, the old one is stopped
+    first (reported as a gap in service); if even that cannot fit, nothing is started and the
+    old server keeps serving.
+
+    Args:
+        spec: the model, its name and kind, where it is served and within what limits.
+        servers_dir: where the servers' state files and logs live.
+        tracking_uri: the store the model is loaded from.
     """
     logger = get_run_logger()
+    name, kind, smoke_question = spec.name, spec.kind, spec.smoke_question
+    host, startup_timeout_s = spec.host, spec.startup_timeout_s
     # Two runs serving `name` at once would both replace the same old server and one new server
     # would be left running, in no state file; the second run waits and then replaces the first.
     with serving_lock(servers_dir, name):
         # An alias (`models:/name@champion`) is resolved only now, so the run that serves last
         # serves the alias's version as of then, whichever run moved the alias last.
-        model_uri = resolve_alias(model_uri, tracking_uri)
+        model_uri = resolve_alias(spec.model_uri, tracking_uri)
         current = status_of(servers_dir, name)
         if current.state == "serving" and current.handle and current.handle.model_uri == model_uri:
             answer = check_server(current.handle, smoke_question)
             logger.info("%s already serves %s on %s", name, model_uri, current.handle.url)
             return ServeResult(handle=current.handle, answer=answer, reused=True)
-        plan = plan_server_switch(servers_dir, name, model_uri, tracking_uri, memory_budget_gb)
+        plan = plan_server_switch(servers_dir, name, model_uri, tracking_uri, spec.memory_budget_gb)
         if plan.order == "refuse":
             raise ServingError(f"{name}: {plan.describe()}")
         old_running = current.handle is not None and is_running(current.handle)
@@ -554,11 +550,11 @@ def serve_model(
             terminate(current.handle)
         else:
             logger.info("%s: %s", name, plan.describe())
-        port = choose_port(host, base_port, slot, current.handle)
+        port = choose_port(host, spec.base_port, spec.slot, current.handle)
         try:
             handle = launch_server(
                 model_uri, name, kind, host, port, servers_dir, tracking_uri, startup_timeout_s,
-                request_timeout_s,
+                spec.request_timeout_s,
             )  # fmt: skip
             try:
                 answer = check_server(handle, smoke_question)

@@ -20,7 +20,14 @@ from fastapi.testclient import TestClient
 from prefect.logging import disable_run_logger
 
 from flows.release import EXPERIMENT
-from slmops.config import GenerationSpec, OnnxExportSpec, RegistrySpec, ServeSpec, WrapperKind
+from slmops.config import (
+    GenerationSpec,
+    ModelServerSpec,
+    OnnxExportSpec,
+    RegistrySpec,
+    ServeSpec,
+    WrapperKind,
+)
 from slmops.front_door import create_app
 from tasks.mlflow_models import log_onnx_chat_model
 from tasks.registry import register_version
@@ -247,10 +254,10 @@ def served(released: ReleaseHome, tiny_onnx_int4_dir: Path) -> SimpleNamespace:
 
     def serve(kind: WrapperKind, uri: str):
         with disable_run_logger():
-            return serve_model.fn(
-                uri, released.names[kind], kind, "127.0.0.1", None,
-                ServeSpec().kinds.index(kind), servers, store, 120.0, SPAIN,
-            )  # fmt: skip
+            spec = ModelServerSpec.from_serve(
+                ServeSpec(startup_timeout_s=120.0), uri, released.names[kind], kind, SPAIN
+            )
+            return serve_model.fn(spec, servers, store)
 
     return SimpleNamespace(
         store=store,

@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 from prefect.logging import disable_run_logger
 
-from slmops.config import WrapperKind
+from slmops.config import ModelServerSpec, WrapperKind
 from slmops.promotion import CHAMPION
 from tasks.registry import promote_version, read_state
 from tasks.serving import ask, healthy, serve_model, status_of, stop_model_server
@@ -76,7 +76,7 @@ SERVE = """
 import json, sys, time
 from pathlib import Path
 from prefect.logging import disable_run_logger
-from slmops.config import WrapperKind
+from slmops.config import ModelServerSpec, WrapperKind
 from tasks.serving import serve_model
 
 store, work, index, model_uri = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -84,8 +84,9 @@ store, work, index, model_uri = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys
 while not (work / "go").exists():
     time.sleep(0.01)
 with disable_run_logger():
-    result = serve_model.fn(model_uri, "echo", WrapperKind.PROMPT_ONNX, "127.0.0.1", None, 0,
-                            work / "servers", store, 120.0, "hello")
+    spec = ModelServerSpec(model_uri=model_uri, name="echo", kind=WrapperKind.PROMPT_ONNX,
+                           smoke_question="hello", startup_timeout_s=120.0)
+    result = serve_model.fn(spec, work / "servers", store)
 print(json.dumps({"port": result.handle.port, "model_uri": result.handle.model_uri}))
 """
 
@@ -217,16 +218,14 @@ def test_serving_an_alias_serves_the_version_it_points_to_then(tracking_uri, tmp
     client.set_registered_model_alias("echo", CHAMPION, "2")
     try:
         with disable_run_logger():
-            first = serve_model.fn(
-                "models:/echo@champion", "echo", WrapperKind.PROMPT_ONNX, "127.0.0.1", None, 0,
-                servers_dir, tracking_uri, 120.0, "hello",
+            spec = ModelServerSpec(
+                model_uri="models:/echo@champion", name="echo", kind=WrapperKind.PROMPT_ONNX,
+                smoke_question="hello", startup_timeout_s=120.0,
             )  # fmt: skip
+            first = serve_model.fn(spec, servers_dir, tracking_uri)
             assert first.handle.model_uri == v2.uri
             client.set_registered_model_alias("echo", CHAMPION, "1")
-            second = serve_model.fn(
-                "models:/echo@champion", "echo", WrapperKind.PROMPT_ONNX, "127.0.0.1", None, 0,
-                servers_dir, tracking_uri, 120.0, "hello",
-            )  # fmt: skip
+            second = serve_model.fn(spec, servers_dir, tracking_uri)
         assert second.handle.model_uri == v1.uri and second.replaced == first.handle
         assert status_of(servers_dir, "echo").state == "serving"
     finally:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from prefect.logging import disable_run_logger
 
-from slmops.config import WrapperKind
+from slmops.config import ModelServerSpec, WrapperKind
 from tasks.serving import ask, serve_model, status_of, stop_model_server
 from tests.support.echo_versions import register
 
@@ -19,18 +19,11 @@ pytestmark = pytest.mark.e2e
 
 def serve(tracking_uri, uri, servers_dir):
     with disable_run_logger():
-        return serve_model.fn(
-            uri,
-            "echo",
-            WrapperKind.PROMPT_ONNX,
-            "127.0.0.1",
-            None,
-            0,
-            servers_dir,
-            tracking_uri,
-            120.0,
-            "hello",
-        )
+        spec = ModelServerSpec(
+            model_uri=uri, name="echo", kind=WrapperKind.PROMPT_ONNX, smoke_question="hello",
+            startup_timeout_s=120.0,
+        )  # fmt: skip
+        return serve_model.fn(spec, servers_dir, tracking_uri)
 
 
 def test_serve_switch_status_and_stop(tracking_uri, tmp_path):
