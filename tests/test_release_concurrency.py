@@ -22,7 +22,7 @@ from prefect.logging import disable_run_logger
 from slmops.config import ModelServerSpec, WrapperKind
 from slmops.promotion import CHAMPION
 from tasks.registry import promote_version, read_state
-from tasks.serving import ask, healthy, serve_model, status_of, stop_model_server
+from tasks.serving import ask, healthy, serve_model, status_of, stop_server
 from tests.support.consistency import assert_consistent, servers_of_store
 from tests.support.echo_versions import log_echo_model, register
 
@@ -204,7 +204,7 @@ def test_runs_serving_one_model_at_once_leave_one_server(tracking_uri, tmp_path)
         assert [p.pid for p in servers_of_store(tracking_uri)] == [status.handle.pid]
         assert "hello" in ask(status.handle, "hello")
     finally:
-        stop_model_server(servers_dir, "echo")
+        stop_server(servers_dir, "echo")
         for orphan in servers_of_store(tracking_uri):
             os.killpg(orphan.pid, signal.SIGKILL)
 
@@ -229,4 +229,4 @@ def test_serving_an_alias_serves_the_version_it_points_to_then(tracking_uri, tmp
         assert second.handle.model_uri == v1.uri and second.replaced == first.handle
         assert status_of(servers_dir, "echo").state == "serving"
     finally:
-        stop_model_server(servers_dir, "echo")
+        stop_server(servers_dir, "echo")
