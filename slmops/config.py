@@ -195,6 +195,34 @@ class ServeSpec(Spec):
     request_timeout_s: float = Field(default=60.0, gt=0)
 
 
+class ModelServerSpec(Spec):
+    """One model server to run: which model, under which name, where, and within what limits."""
+
+    model_uri: str  # e.g. models:/name@champion, resolved under the serving lock
+    name: str  # the registered model name; also the server's state-file name
+    kind: WrapperKind
+    smoke_question: str  # a new server must answer it before it takes over
+    host: str = "127.0.0.1"
+    base_port: int | None = Field(default=None, ge=1024, le=65535)
+    slot: int = Field(default=0, ge=0)  # the blue/green port pair base_port + 2*slot + {0, 1}
+    startup_timeout_s: float = Field(default=180.0, gt=0)
+    request_timeout_s: float = Field(default=60.0, gt=0)
+    memory_budget_gb: float | None = Field(default=None, gt=0)
+
+    @classmethod
+    def from_serve(
+        cls, serve: ServeSpec, model_uri: str, name: str, kind: WrapperKind, smoke_question: str
+    ) -> ModelServerSpec:
+        """The server of `kind` as `serve` places it (its slot is the kind's place in
+        `serve.kinds`)."""
+        return cls(
+            model_uri=model_uri, name=name, kind=kind, smoke_question=smoke_question,
+            host=serve.host, base_port=serve.base_port, slot=serve.kinds.index(kind),
+            startup_timeout_s=serve.startup_timeout_s, request_timeout_s=serve.request_timeout_s,
+            memory_budget_gb=serve.memory_budget_gb,
+        )  # fmt: skip
+
+
 class ReleaseConfig(Spec):
     """Parameters of the release flow (rendered as the Prefect UI form)."""
 

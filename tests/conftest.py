@@ -155,7 +155,8 @@ def release_started(request, tmp_path_factory) -> Iterator[tuple[ReleaseHome, Po
     from prefect.settings import PREFECT_API_URL
 
     from slmops.config import ReleaseConfig, Settings, WrapperKind
-    from tasks.serving import served_names, stop_front_door, stop_model_server
+    from slmops.servers import FRONT_DOOR
+    from tasks.serving import served_names, stop_server
     from tests.support.consistency import servers_of_store
     from tests.support.release_home import ReleaseHome, release_env
 
@@ -180,8 +181,8 @@ def release_started(request, tmp_path_factory) -> Iterator[tuple[ReleaseHome, Po
             proc.wait()
         servers = home.settings.servers_dir
         with ThreadPoolExecutor() as pool:  # each waits for its process group to exit
-            stops = [pool.submit(stop_front_door, servers)]
-            stops += [pool.submit(stop_model_server, servers, n) for n in served_names(servers)]
+            stops = [pool.submit(stop_server, servers, FRONT_DOOR)]
+            stops += [pool.submit(stop_server, servers, n) for n in served_names(servers)]
         for orphan in servers_of_store(home.settings.tracking_uri):
             os.killpg(orphan.pid, signal.SIGKILL)
         for stop in stops:

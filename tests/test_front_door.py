@@ -20,15 +20,20 @@ from fastapi.testclient import TestClient
 from prefect.logging import disable_run_logger
 
 from flows.release import EXPERIMENT
-from slmops.config import GenerationSpec, OnnxExportSpec, RegistrySpec, ServeSpec, WrapperKind
+from slmops.config import (
+    GenerationSpec,
+    ModelServerSpec,
+    OnnxExportSpec,
+    RegistrySpec,
+    ServeSpec,
+    WrapperKind,
+)
 from slmops.front_door import create_app
+from slmops.servers import FRONT_DOOR, ServerHandle, write_handle
 from tasks.mlflow_models import log_onnx_chat_model
 from tasks.registry import register_version
 from tasks.serving import (
-    ServerHandle,
-    _write_handle,
     describe,
-    front_door_status,
     serve_front_door,
     serve_model,
     status_of,
@@ -69,7 +74,7 @@ def write_state(servers_dir: Path, name: str, kind: WrapperKind, port: int) -> N
         pid=1, process_started=0.0, log_path=servers_dir / f"{name}.log",
         started_at="2026-01-01T00:00:00+00:00",
     )  # fmt: skip
-    _write_handle(servers_dir, handle)
+    write_handle(servers_dir, handle)
 
 
 class FakeUpstream:
@@ -236,7 +241,7 @@ def served(released: ReleaseHome, tiny_onnx_int4_dir: Path) -> SimpleNamespace:
     """The shared release's front door and chat model servers, and how to change them."""
     servers = released.settings.servers_dir
     store = released.settings.tracking_uri
-    door = front_door_status(servers).handle
+    door = status_of(servers, FRONT_DOOR).handle
     assert door is not None
 
     def log_onnx():
@@ -247,10 +252,10 @@ def served(released: ReleaseHome, tiny_onnx_int4_dir: Path) -> SimpleNamespace:
 
     def serve(kind: WrapperKind, uri: str):
         with disable_run_logger():
-            return serve_model.fn(
-                uri, released.names[kind], kind, "127.0.0.1", None,
-                ServeSpec().kinds.index(kind), servers, store, 120.0, SPAIN,
-            )  # fmt: skip
+            spec = ModelServerSpec.from_serve(
+                ServeSpec(startup_timeout_s=120.0), uri, released.names[kind], kind, SPAIN
+            )
+            return serve_model.fn(spec, servers, store)
 
     return SimpleNamespace(
         store=store,
@@ -341,7 +346,7 @@ def test_the_front_door_is_reused_and_reported(served):
     with disable_run_logger():
         again = serve_front_door.fn(served.servers, "127.0.0.1", None, 60.0)
     assert again == served.door
-    status = front_door_status(served.servers)
+    status = status_of(served.servers, FRONT_DOOR)
     assert status.state == "serving"
     chat_onnx, chat_transformers = (served.names[kind] for kind in reversed(CHAT_KINDS))
     assert status.detail == f"{served.door.url}/v1: {chat_onnx}, {chat_transformers}"
@@ -382,7 +387,7 @@ def test_a_blue_green_switch_keeps_the_front_door_address(served, restores_servi
         model=chat_onnx, messages=[{"role": "user", "content": SPAIN}], max_tokens=16
     )
     assert "Madrid" in after.choices[0].message.content
-    assert front_door_status(served.servers).handle == served.door  # same process, same port
+    assert status_of(served.servers, FRONT_DOOR).handle == served.door  # same process, same port
 
 
 @pytest.mark.e2e

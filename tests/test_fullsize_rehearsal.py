@@ -29,6 +29,7 @@ from slmops.config import (
     PHI3_ONNX_INT4_SUBFOLDER,
     GenerationSpec,
     HubSpec,
+    ModelServerSpec,
     OnnxExportSpec,
     RegistrySpec,
     ReleaseConfig,
@@ -286,16 +287,21 @@ def test_a_switch_that_cannot_fit_beside_the_old_server_stops_it_first(twin_rele
     new_bytes = expected_server_bytes(model_files_bytes(outcome.model_uri, settings.tracking_uri))
     without_old = sum(running.values()) - running[name] + new_bytes
     serve = serve_model.with_options(retries=0)
-    args = (outcome.model_uri, name, outcome.kind, "127.0.0.1", None, 1, settings.servers_dir,
-            settings.tracking_uri, config.serve.startup_timeout_s, "Hello")  # fmt: skip
+    spec = ModelServerSpec(
+        model_uri=outcome.model_uri, name=name, kind=outcome.kind, smoke_question="Hello",
+        slot=1, startup_timeout_s=config.serve.startup_timeout_s,
+    )  # fmt: skip
+
+    def with_budget(budget_bytes: int) -> ModelServerSpec:
+        return spec.model_copy(update={"memory_budget_gb": budget_bytes / 1e9})
 
     # Too small even without the old server: refused, and the old server keeps serving.
     with pytest.raises(ServingError, match="not starting the new server"):
-        serve(*args, memory_budget_gb=(without_old - GIB // 4) / 1e9)
+        serve(with_budget(without_old - GIB // 4), settings.servers_dir, settings.tracking_uri)
     assert status_of(settings.servers_dir, name).state == "serving"
 
     # Room for the new server only once the old one is gone: memory-safe order.
-    result = serve(*args, memory_budget_gb=(without_old + GIB // 8) / 1e9)
+    result = serve(with_budget(without_old + GIB // 8), settings.servers_dir, settings.tracking_uri)
     assert result.switch is not None and result.switch.order == "stop-first"
     assert result.switch.gap_bytes > 0
     assert status_of(settings.servers_dir, name).handle.model_uri == outcome.model_uri

@@ -19,10 +19,10 @@ import pytest
 from mlflow import MlflowClient
 from prefect.logging import disable_run_logger
 
-from slmops.config import WrapperKind
+from slmops.config import ModelServerSpec, WrapperKind
 from slmops.promotion import CHAMPION
 from tasks.registry import promote_version, read_state
-from tasks.serving import ask, healthy, serve_model, status_of, stop_model_server
+from tasks.serving import ask, healthy, serve_model, status_of, stop_server
 from tests.support.consistency import assert_consistent, servers_of_store
 from tests.support.echo_versions import log_echo_model, register
 
@@ -76,7 +76,7 @@ SERVE = """
 import json, sys, time
 from pathlib import Path
 from prefect.logging import disable_run_logger
-from slmops.config import WrapperKind
+from slmops.config import ModelServerSpec, WrapperKind
 from tasks.serving import serve_model
 
 store, work, index, model_uri = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -84,8 +84,9 @@ store, work, index, model_uri = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys
 while not (work / "go").exists():
     time.sleep(0.01)
 with disable_run_logger():
-    result = serve_model.fn(model_uri, "echo", WrapperKind.PROMPT_ONNX, "127.0.0.1", None, 0,
-                            work / "servers", store, 120.0, "hello")
+    spec = ModelServerSpec(model_uri=model_uri, name="echo", kind=WrapperKind.PROMPT_ONNX,
+                           smoke_question="hello", startup_timeout_s=120.0)
+    result = serve_model.fn(spec, work / "servers", store)
 print(json.dumps({"port": result.handle.port, "model_uri": result.handle.model_uri}))
 """
 
@@ -203,7 +204,7 @@ def test_runs_serving_one_model_at_once_leave_one_server(tracking_uri, tmp_path)
         assert [p.pid for p in servers_of_store(tracking_uri)] == [status.handle.pid]
         assert "hello" in ask(status.handle, "hello")
     finally:
-        stop_model_server(servers_dir, "echo")
+        stop_server(servers_dir, "echo")
         for orphan in servers_of_store(tracking_uri):
             os.killpg(orphan.pid, signal.SIGKILL)
 
@@ -217,17 +218,15 @@ def test_serving_an_alias_serves_the_version_it_points_to_then(tracking_uri, tmp
     client.set_registered_model_alias("echo", CHAMPION, "2")
     try:
         with disable_run_logger():
-            first = serve_model.fn(
-                "models:/echo@champion", "echo", WrapperKind.PROMPT_ONNX, "127.0.0.1", None, 0,
-                servers_dir, tracking_uri, 120.0, "hello",
+            spec = ModelServerSpec(
+                model_uri="models:/echo@champion", name="echo", kind=WrapperKind.PROMPT_ONNX,
+                smoke_question="hello", startup_timeout_s=120.0,
             )  # fmt: skip
+            first = serve_model.fn(spec, servers_dir, tracking_uri)
             assert first.handle.model_uri == v2.uri
             client.set_registered_model_alias("echo", CHAMPION, "1")
-            second = serve_model.fn(
-                "models:/echo@champion", "echo", WrapperKind.PROMPT_ONNX, "127.0.0.1", None, 0,
-                servers_dir, tracking_uri, 120.0, "hello",
-            )  # fmt: skip
+            second = serve_model.fn(spec, servers_dir, tracking_uri)
         assert second.handle.model_uri == v1.uri and second.replaced == first.handle
         assert status_of(servers_dir, "echo").state == "serving"
     finally:
-        stop_model_server(servers_dir, "echo")
+        stop_server(servers_dir, "echo")
