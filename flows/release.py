@@ -5,27 +5,39 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
+from flows._runtime import run_from_command_line, task_results_under
+from flows._serving import serve_champions
 from slmops.config import HubSpec, OnnxExportSpec, ReleaseConfig, Settings, WrapperKind
-from slmops.reports import ReleaseReport, WrapperOutcome, release_markdown, validation_row
-from slmops.tiny_model import TRAINED_ANSWERS
+from slmops.errors import ExplainedError
+from slmops.refs import LoggedModelRef, SnapshotRef
+from slmops.reports import (
+    ParityReport,
+    ReleaseReport,
+    ValidationReport,
+    WrapperOutcome,
+    release_markdown,
+    validation_row,
+)
+from slmops.tags import version_tags
 from tasks.hub import fetch_model_snapshot, fetch_onnx_release
 from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
 from tasks.onnx_export import export_onnx
 from tasks.onnx_storage import store_onnx_folder
 from tasks.registry import champion_version, promote_version, register_version
-from tasks.reporting import publish_link, publish_markdown, publish_table
-from tasks.serving import make_room_for_model, serve_front_door, serve_model
+from tasks.release_records import release_lease, settle_killed_releases
+from tasks.reporting import publish_markdown, publish_table
+from tasks.serving import make_room_for_model
 from tasks.validation import compare_runtimes, validate_model
 
-SMOKE_QUESTION = next(iter(TRAINED_ANSWERS))
 EXPERIMENT = "slmops-release"
 
 
-class ReleaseValidationError(RuntimeError):
+class ReleaseValidationError(ExplainedError):
     """At least one wrapper failed validation; it was registered but not promoted."""
 
 
@@ -35,7 +47,7 @@ def hub_endpoint(hub: HubSpec, settings: Settings) -> Iterator[str | None]:
     if hub.source == "embedded":
         from slmops.fake_hub import serve_embedded
 
-        with serve_embedded(settings.embedded_cache_dir) as fake:
+        with serve_embedded(settings.embedded_cache_dir, progress=get_run_logger().info) as fake:
             yield fake.endpoint
     else:
         yield settings.hf_endpoint
@@ -67,36 +79,26 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
             release), `generation` the generation defaults, `registry` the model names, `serve`
             what is served and where, `promote` whether passing versions go to Production.
     """
-    logger = get_run_logger()
+    from prefect.runtime import flow_run
+
     settings = Settings.from_env()
     settings.home.mkdir(parents=True, exist_ok=True)
+    settle_killed_releases(settings.home)
+    with (
+        task_results_under(settings.task_results_dir),
+        release_lease(settings.home, flow_run.id, settings.tracking_uri),
+    ):
+        return _release(config, settings)
 
+
+def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
     with hub_endpoint(config.hub, settings) as endpoint:
         snapshot = fetch_model_snapshot(config.hub, settings, endpoint)
         if config.onnx.source == "hub":
             onnx_dir = fetch_onnx_release(config.hub, settings, endpoint)
         else:
             onnx_dir = export_onnx(snapshot.path, config.onnx, settings.cache_dir / "onnx")
-    source = {"repo_id": snapshot.repo_id, "revision": snapshot.revision, "commit": snapshot.commit}
-
-    # One stored copy of the ONNX folder per release, which both ONNX wrappers reference.
-    onnx_store = store_onnx_folder(
-        settings.tracking_uri, EXPERIMENT, onnx_dir, config.onnx, source
-    ).artifact_uri
-    logged = {
-        WrapperKind.CHAT_TRANSFORMERS: log_chat_pipeline(
-            settings.tracking_uri, EXPERIMENT, snapshot.path, config.generation, source
-        ),
-        WrapperKind.PROMPT_ONNX: log_onnx_prompt_model(
-            settings.tracking_uri, EXPERIMENT, onnx_dir, config.generation, config.onnx, source,
-            onnx_store,
-        ),
-        WrapperKind.CHAT_ONNX: log_onnx_chat_model(
-            settings.tracking_uri, EXPERIMENT, onnx_dir, config.generation, config.onnx, source,
-            onnx_store,
-        ),
-    }  # fmt: skip
-
+    logged = log_wrappers(config, settings, snapshot, onnx_dir)
     parity = None
     if config.runtime_parity:
         fp32_dir = export_onnx(
@@ -107,121 +109,130 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
             run_id=logged[WrapperKind.PROMPT_ONNX].run_id,
         )  # fmt: skip
 
-    outcomes: dict[WrapperKind, WrapperOutcome] = {}
-    validation_rows = []
-    for kind, ref in logged.items():
-        if config.serve.enabled:
-            # Validation loads the new version beside the running servers: memory-safe order.
-            make_room_for_model(
-                ref.model_uri, config.registry.model_name(kind), settings.servers_dir,
-                settings.tracking_uri, config.serve.memory_budget_gb,
-            )  # fmt: skip
-        report = validate_model(
-            settings.tracking_uri, ref, known_answers=config.hub.source == "embedded",
-            parity=parity if kind is not WrapperKind.CHAT_TRANSFORMERS else None,
-        )  # fmt: skip
-        name = config.registry.model_name(kind)
-        validation_rows.append(validation_row(name, report))
-        tags = {
-            "slmops.source.repo_id": snapshot.repo_id,
-            "slmops.source.commit": snapshot.commit,
-            "slmops.onnx": config.onnx.model_dump_json()
-            if kind is not WrapperKind.CHAT_TRANSFORMERS
-            else "",
-            "slmops.validation.passed": str(report.passed).lower(),
-            "slmops.validation.summary": report.summary()[:4000],
-        }
-        version = register_version(
-            settings.tracking_uri, ref.model_uri, name, tags, settings.home / "locks"
-        )
-        promoted = False
-        if report.passed and config.promote:
-            reason = f"release of {snapshot.repo_id}@{snapshot.commit[:12]}: validation passed"
-            promotion = promote_version(
-                settings.tracking_uri, version, reason, settings.home / "locks"
-            )
-            promoted = True
-            publish_table(
-                f"{name}-registry-moves",
-                [e.model_dump() for e in promotion.audit],
-                f"Stage and alias moves of {name}",
-            )
-        champion = champion_version(settings.tracking_uri, name)
-        outcomes[kind] = WrapperOutcome(
-            kind=kind,
-            registered_model=name,
-            model_uri=ref.model_uri,
-            version=version.version,
-            validation_passed=report.passed,
-            validation_summary=report.summary(),
-            promoted=promoted,
-            production_version=champion.version if champion else None,
-        )
-
+    outcomes = {
+        kind: release_wrapper(config, settings, snapshot, ref, parity)
+        for kind, ref in logged.items()
+    }
     publish_table(
-        "validation-results", validation_rows, "Validation of each wrapper built by this release"
+        "validation-results",
+        [validation_row(o.registered_model, o.validation) for o in outcomes.values()],
+        "Validation of each wrapper built by this release",
     )
-
     if config.serve.enabled:
-        for slot, kind in enumerate(config.serve.kinds):
-            outcome = outcomes[kind]
-            if outcome.production_version is None:
-                logger.warning(
-                    "%s has no Production version: nothing to serve", outcome.registered_model
-                )
-                continue
-            # By alias, resolved under the serving lock: with two releases at once, whichever
-            # serves last serves the final champion, not the version it promoted itself.
-            served = serve_model(
-                f"models:/{outcome.registered_model}@champion",
-                outcome.registered_model, kind, config.serve.host, config.serve.base_port, slot,
-                settings.servers_dir, settings.tracking_uri, config.serve.startup_timeout_s,
-                SMOKE_QUESTION, config.serve.memory_budget_gb,
-            )  # fmt: skip
-            outcomes[kind] = outcome.model_copy(
-                update={"endpoint": served.handle.url, "sample_answer": served.answer}
-            )
-            publish_link(
-                f"{outcome.registered_model}-endpoint",
-                f"{served.handle.url}/invocations",
-                served.handle.model_uri,
-                "Served Production model",
-            )
-        # The OpenAI-compatible front door over the served chat models (issue 5): started
-        # once, then reused; it follows the blue/green switches above on its own.
-        if config.serve.front_door:
-            door = serve_front_door(
-                settings.servers_dir, config.serve.host, config.serve.front_door_port,
-                config.serve.startup_timeout_s,
-            )  # fmt: skip
-            publish_link(
-                "front-door",
-                f"{door.openai_base_url}/chat/completions",
-                "OpenAI-compatible /v1/chat/completions",
-                "Front door for the served chat models (model = registered name)",
-            )
+        served = serve_champions(config.serve, config.registry, settings)
+        for kind, result in served.items():
+            outcomes[kind] = outcomes[kind].with_serving(result.handle.url, result.answer)
 
-    result = ReleaseReport(
+    report = ReleaseReport(
         repo_id=snapshot.repo_id, commit=snapshot.commit, tracking_uri=settings.tracking_uri,
-        outcomes=tuple(outcomes.values()),
+        outcomes=tuple(o.outcome for o in outcomes.values()),
     )  # fmt: skip
     publish_markdown(
         "release-summary",
-        release_markdown(result),
+        release_markdown(report),
         "What this release registered, promoted and served",
     )
-    for outcome in result.outcomes:
+    for outcome in report.outcomes:
         if outcome.sample_answer is not None:
             print(
                 f"{outcome.registered_model} v{outcome.production_version} at {outcome.endpoint}: {outcome.sample_answer!r}"
             )
-    if result.failed:
-        names = ", ".join(f"{o.registered_model} v{o.version}" for o in result.failed)
+    if report.failed:
+        names = ", ".join(f"{o.registered_model} v{o.version}" for o in report.failed)
         raise ReleaseValidationError(
             f"validation failed for {names}; not promoted:\n"
-            + "\n".join(o.validation_summary for o in result.failed)
+            + "\n".join(o.validation_summary for o in report.failed)
         )
-    return result
+    return report
+
+
+def log_wrappers(
+    config: ReleaseConfig, settings: Settings, snapshot: SnapshotRef, onnx_dir: Path
+) -> dict[WrapperKind, LoggedModelRef]:
+    """Log the three wrappers of one snapshot (each a cached task)."""
+    source = {"repo_id": snapshot.repo_id, "revision": snapshot.revision, "commit": snapshot.commit}
+    uri, generation = settings.tracking_uri, config.generation
+    # One stored copy of the ONNX folder per release, which both ONNX wrappers reference.
+    onnx_store = store_onnx_folder(uri, EXPERIMENT, onnx_dir, config.onnx, source).artifact_uri
+    return {
+        WrapperKind.CHAT_TRANSFORMERS: log_chat_pipeline(
+            uri, EXPERIMENT, snapshot.path, generation, source
+        ),
+        WrapperKind.PROMPT_ONNX: log_onnx_prompt_model(
+            uri, EXPERIMENT, onnx_dir, generation, config.onnx, source, onnx_store
+        ),
+        WrapperKind.CHAT_ONNX: log_onnx_chat_model(
+            uri, EXPERIMENT, onnx_dir, generation, config.onnx, source, onnx_store
+        ),
+    }
+
+
+class WrapperStep(BaseModel):
+    """One wrapper's way through a release: its outcome, and the validation report behind it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    outcome: WrapperOutcome
+    validation: ValidationReport
+
+    @property
+    def registered_model(self) -> str:
+        return self.outcome.registered_model
+
+    def with_serving(self, endpoint: str, answer: str) -> WrapperStep:
+        served = self.outcome.model_copy(update={"endpoint": endpoint, "sample_answer": answer})
+        return self.model_copy(update={"outcome": served})
+
+
+def release_wrapper(
+    config: ReleaseConfig,
+    settings: Settings,
+    snapshot: SnapshotRef,
+    ref: LoggedModelRef,
+    parity: ParityReport | None,
+) -> WrapperStep:
+    """Validate one logged wrapper, register it, and promote it if it passed."""
+    kind = ref.kind
+    name = config.registry.model_name(kind)
+    if config.serve.enabled:
+        # Validation loads the new version beside the running servers: memory-safe order.
+        make_room_for_model(
+            ref.model_uri, name, settings.servers_dir, settings.tracking_uri,
+            config.serve.memory_budget_gb,
+        )  # fmt: skip
+    report = validate_model(
+        settings.tracking_uri, ref, known_answers=config.hub.source == "embedded",
+        parity=parity if kind is not WrapperKind.CHAT_TRANSFORMERS else None,
+    )  # fmt: skip
+    onnx_options = (
+        config.onnx.model_dump_json() if kind is not WrapperKind.CHAT_TRANSFORMERS else ""
+    )
+    tags = version_tags(
+        snapshot.repo_id, snapshot.commit, onnx_options, report.passed, report.summary()
+    )
+    version = register_version(settings.tracking_uri, ref.model_uri, name, tags, settings.lock_dir)
+    promoted = False
+    if report.passed and config.promote:
+        reason = f"release of {snapshot.repo_id}@{snapshot.commit[:12]}: validation passed"
+        promotion = promote_version(settings.tracking_uri, version, reason, settings.lock_dir)
+        promoted = True
+        publish_table(
+            f"{name}-registry-moves",
+            [e.model_dump() for e in promotion.audit],
+            f"Stage and alias moves of {name}",
+        )
+    champion = champion_version(settings.tracking_uri, name)
+    outcome = WrapperOutcome(
+        kind=kind,
+        registered_model=name,
+        model_uri=ref.model_uri,
+        version=version.version,
+        validation_passed=report.passed,
+        validation_summary=report.summary(),
+        promoted=promoted,
+        production_version=champion.version if champion else None,
+    )
+    return WrapperStep(outcome=outcome, validation=report)
 
 
 def load_config(argument: str | None) -> ReleaseConfig:
@@ -239,5 +250,6 @@ def load_config(argument: str | None) -> ReleaseConfig:
 if __name__ == "__main__":
     import sys
 
-    report = release(load_config(sys.argv[1] if len(sys.argv) > 1 else None))
+    config = load_config(sys.argv[1] if len(sys.argv) > 1 else None)
+    report = run_from_command_line(lambda: release(config))
     print(json.dumps(report.model_dump(mode="json"), indent=2))

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from slmops.config import RollbackConfig, Settings, WrapperKind
-from slmops.tiny_model import TRAINED_ANSWERS
+from flows._runtime import run_from_command_line
+from flows._serving import serve_champions
+from slmops.config import RegistrySpec, RollbackConfig, Settings, WrapperKind
 from tasks.registry import ModelVersionRef, PromotionReport, rollback_version
 from tasks.reporting import publish_table
-from tasks.serving import serve_model
-
-SMOKE_QUESTION = next(iter(TRAINED_ANSWERS))
 
 
 @flow(name="rollback", flow_run_name="rollback-{config.kind.value}-to-v{config.version}")
@@ -24,18 +22,15 @@ def rollback(config: RollbackConfig) -> PromotionReport:
     settings = Settings.from_env()
     name = config.registry.model_name(config.kind)
     ref = ModelVersionRef(name=name, version=config.version)
-    report = rollback_version(settings.tracking_uri, ref, config.reason, settings.home / "locks")
+    report = rollback_version(settings.tracking_uri, ref, config.reason, settings.lock_dir)
     publish_table(
         "rollback-audit", [e.model_dump() for e in report.audit], f"Registry moves of {name}"
     )
     if config.serve.enabled and config.kind in config.serve.kinds:
-        slot = config.serve.kinds.index(config.kind)
-        result = serve_model(
-            ref.uri, name, config.kind, config.serve.host, config.serve.base_port, slot,
-            settings.servers_dir, settings.tracking_uri, config.serve.startup_timeout_s,
-            SMOKE_QUESTION, config.serve.memory_budget_gb,
-        )  # fmt: skip
-        get_run_logger().info("%s v%s serving on %s", name, ref.version, result.handle.url)
+        served = serve_champions(config.serve, config.registry, settings, kinds=[config.kind])
+        if config.kind in served:
+            url = served[config.kind].handle.url
+            get_run_logger().info("%s v%s serving on %s", name, ref.version, url)
     return report
 
 
@@ -46,5 +41,12 @@ if __name__ == "__main__":
     parser.add_argument("kind", choices=[k.value for k in WrapperKind])
     parser.add_argument("version", type=int)
     parser.add_argument("reason")
+    parser.add_argument(
+        "--name-prefix", default=RegistrySpec().name_prefix, help="registry.name_prefix"
+    )
     args = parser.parse_args()
-    rollback(RollbackConfig(kind=args.kind, version=args.version, reason=args.reason))
+    config = RollbackConfig(
+        kind=args.kind, version=args.version, reason=args.reason,
+        registry=RegistrySpec(name_prefix=args.name_prefix),
+    )  # fmt: skip
+    run_from_command_line(lambda: rollback(config))

@@ -6,23 +6,19 @@ import json
 
 from prefect import flow, get_run_logger
 
-from slmops.config import ServeFlowConfig, Settings
-from slmops.tiny_model import TRAINED_ANSWERS
-from tasks.registry import champion_version
+from flows._runtime import run_from_command_line
+from flows._serving import serve_champions
+from slmops.config import RegistrySpec, ServeFlowConfig, Settings
+from tasks.release_records import settle_killed_releases
 from tasks.reporting import publish_table
 from tasks.serving import (
-    ServingError,
     describe,
     front_door_status,
-    serve_front_door,
-    serve_model,
     served_names,
     status_of,
     stop_front_door,
     stop_model_server,
 )
-
-SMOKE_QUESTION = next(iter(TRAINED_ANSWERS))
 
 
 @flow(name="serve", flow_run_name="serve-{config.action}")
@@ -37,23 +33,14 @@ def serve(config: ServeFlowConfig = ServeFlowConfig()) -> list[dict]:
     """
     settings = Settings.from_env()
     logger = get_run_logger()
+    settle_killed_releases(settings.home)
+    if config.action == "start":
+        serve_champions(config.serve, config.registry, settings, require_champion=True)
     rows = []
-    for slot, kind in enumerate(config.serve.kinds):
+    for kind in config.serve.kinds:
         name = config.registry.model_name(kind)
         if config.action == "stop":
             status = stop_model_server(settings.servers_dir, name)
-        elif config.action == "start":
-            champion = champion_version(settings.tracking_uri, name)
-            if champion is None:
-                raise ServingError(
-                    f"{name} has no champion version to serve; run the release flow first"
-                )
-            serve_model(
-                f"models:/{name}@champion", name, kind, config.serve.host, config.serve.base_port, slot,
-                settings.servers_dir, settings.tracking_uri, config.serve.startup_timeout_s,
-                SMOKE_QUESTION, config.serve.memory_budget_gb,
-            )  # fmt: skip
-            status = status_of(settings.servers_dir, name)
         else:
             status = status_of(settings.servers_dir, name)
         rows.append(describe(status))
@@ -69,12 +56,6 @@ def serve(config: ServeFlowConfig = ServeFlowConfig()) -> list[dict]:
         rows.append(describe(status))
     if config.action == "stop":
         door = stop_front_door(settings.servers_dir)
-    elif config.action == "start" and config.serve.front_door:
-        serve_front_door(
-            settings.servers_dir, config.serve.host, config.serve.front_door_port,
-            config.serve.startup_timeout_s,
-        )  # fmt: skip
-        door = front_door_status(settings.servers_dir)
     else:
         door = front_door_status(settings.servers_dir)
     if config.serve.front_door or door.handle is not None:
@@ -85,7 +66,17 @@ def serve(config: ServeFlowConfig = ServeFlowConfig()) -> list[dict]:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    action = sys.argv[1] if len(sys.argv) > 1 else "status"
-    print(json.dumps(serve(ServeFlowConfig(action=action)), indent=2))
+    parser = argparse.ArgumentParser(
+        description="Start (or repair), stop, or report the model servers."
+    )
+    parser.add_argument("action", nargs="?", default="status", choices=["start", "stop", "status"])
+    parser.add_argument(
+        "--name-prefix", default=RegistrySpec().name_prefix, help="registry.name_prefix"
+    )
+    args = parser.parse_args()
+    config = ServeFlowConfig(
+        action=args.action, registry=RegistrySpec(name_prefix=args.name_prefix)
+    )
+    print(json.dumps(run_from_command_line(lambda: serve(config)), indent=2))

@@ -7,17 +7,31 @@ flow, never at import.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import unquote
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PHI3_REPO_ID = "microsoft/Phi-3-mini-4k-instruct"
 PHI3_ONNX_REPO_ID = "microsoft/Phi-3-mini-4k-instruct-onnx"
 PHI3_ONNX_INT4_SUBFOLDER = "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"
+# The embedded default has its own identity: its releases must never be mistaken for (or
+# registered over) releases of the real model.
+TINY_PHI3_REPO_ID = "slmops/tiny-phi3"
+TINY_PHI3_ONNX_REPO_ID = "slmops/tiny-phi3-onnx"
+TINY_PHI3_NAME_PREFIX = "tiny-phi3"
+EMBEDDED_REPO_IDS = frozenset({TINY_PHI3_REPO_ID, TINY_PHI3_ONNX_REPO_ID})
 
 
 class Spec(BaseModel):
@@ -35,14 +49,15 @@ class WrapperKind(StrEnum):
 class HubSpec(Spec):
     """Which model to fetch, and from where.
 
-    `source="embedded"` builds the tiny offline Phi-3 and serves it on a loopback fake hub, so
-    the real `huggingface_hub` download path runs without internet.
+    `source="embedded"` builds the tiny offline Phi-3 (repo `slmops/tiny-phi3`) and serves it
+    on a loopback fake hub, so the real `huggingface_hub` download path runs without internet.
+    `source="hub"` fetches e.g. microsoft/Phi-3-mini-4k-instruct (see deployments/phi3-mini.yaml).
     """
 
     source: Literal["embedded", "hub"] = "embedded"
-    repo_id: str = PHI3_REPO_ID
+    repo_id: str = TINY_PHI3_REPO_ID
     revision: str = "main"
-    onnx_repo_id: str = PHI3_ONNX_REPO_ID
+    onnx_repo_id: str = TINY_PHI3_ONNX_REPO_ID
     onnx_revision: str = "main"
     onnx_subfolder: str = PHI3_ONNX_INT4_SUBFOLDER
     # Weights-only download: skip the remote code and docs the pipeline doesn't need.
@@ -59,6 +74,17 @@ class HubSpec(Spec):
         if len(parts) != 2 or not all(parts):
             raise ValueError(f"repo id must look like 'owner/name', got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _embedded_repos_only(self) -> HubSpec:
+        # The loopback fake hub serves the embedded repos and nothing else.
+        if self.source == "embedded" and not {self.repo_id, self.onnx_repo_id} <= EMBEDDED_REPO_IDS:
+            raise ValueError(
+                f"source 'embedded' serves only {sorted(EMBEDDED_REPO_IDS)}, not "
+                f"{self.repo_id!r} / {self.onnx_repo_id!r}: use those repo ids, or source 'hub' "
+                f"for a hub model such as {PHI3_REPO_ID!r}"
+            )
+        return self
 
 
 class OnnxExportSpec(Spec):
@@ -96,7 +122,7 @@ class GenerationSpec(Spec):
 class RegistrySpec(Spec):
     """Registered model names, one per wrapper kind."""
 
-    name_prefix: str = Field(default="phi3-mini", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name_prefix: str = Field(default=TINY_PHI3_NAME_PREFIX, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
     def model_name(self, kind: WrapperKind) -> str:
         return f"{self.name_prefix}-{kind.value}"
@@ -136,15 +162,52 @@ class ReleaseConfig(Spec):
     runtime_parity: bool = True
 
 
-class Settings(Spec):
-    """Where things live and the secrets to reach them; built from the environment in a flow."""
+def sqlite_uri(path: Path) -> str:
+    """The SQLAlchemy URL of a SQLite database file (absolute, as MLflow needs it)."""
+    return f"sqlite:///{Path(path).expanduser().resolve()}"
 
-    home: Path
-    tracking_uri: str
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URL, or None for any other store."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    return Path(unquote(uri.removeprefix(prefix).split("?", 1)[0])).resolve()
+
+
+class Settings(BaseSettings):
+    """Where things live and the secrets to reach them; built from the environment in a flow
+    (never at import), by `Settings()` or `Settings.from_env(mapping)`."""
+
+    # Each field is read from the variable of its own name (case-insensitive), nothing else:
+    # aliases would let `home` read HOME.
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    slmops_home: Path = Path(".slmops")
+    mlflow_tracking_uri: str = ""  # empty: SQLite in the home folder (see `tracking_uri`)
     hf_token: SecretStr | None = None
     hf_endpoint: str | None = None
     # Where the embedded tiny Phi-3 is built; shareable between homes (it is deterministic).
-    embedded_cache: Path | None = None
+    slmops_embedded_cache: Path | None = None
+
+    @field_validator("slmops_home")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("hf_token", "hf_endpoint", "slmops_embedded_cache", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @property
+    def home(self) -> Path:
+        """The state folder (SLMOPS_HOME)."""
+        return self.slmops_home
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or sqlite_uri(self.home / "mlflow.db")
 
     @property
     def cache_dir(self) -> Path:
@@ -152,26 +215,33 @@ class Settings(Spec):
 
     @property
     def embedded_cache_dir(self) -> Path:
-        return self.embedded_cache or self.cache_dir / "embedded"
+        return self.slmops_embedded_cache or self.cache_dir / "embedded"
 
     @property
     def servers_dir(self) -> Path:
         return self.home / "servers"
 
+    @property
+    def lock_dir(self) -> Path:
+        return self.home / "locks"
+
+    @property
+    def task_results_dir(self) -> Path:
+        """Prefect's persisted task results and cache records (not ~/.prefect: see
+        flows._runtime.task_results_under)."""
+        return self.home / "prefect-results"
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if environ is None else environ
-        home = Path(env.get("SLMOPS_HOME", ".slmops")).resolve()
-        tracking_uri = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
-        token = env.get("HF_TOKEN")
+        """Settings from `environ` (default: the process environment)."""
+        if environ is None:
+            return cls()
+        # Every field given explicitly: a field left out would be read from the process.
         return cls(
-            home=home,
-            tracking_uri=tracking_uri,
-            hf_token=SecretStr(token) if token else None,
-            hf_endpoint=env.get("HF_ENDPOINT") or None,
-            embedded_cache=Path(env["SLMOPS_EMBEDDED_CACHE"])
-            if env.get("SLMOPS_EMBEDDED_CACHE")
-            else None,
+            **{
+                name: environ.get(name.upper(), field.default)
+                for name, field in cls.model_fields.items()
+            }
         )
 
 

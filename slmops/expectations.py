@@ -2,9 +2,10 @@
 
 Validation predicts the sample prompts with a logged model, turns the outputs into one row per
 sample (`sample_frame`), and checks the rows with `run_output_suite`: non-empty text of bounded
-length, and for chat models a finish_reason in {stop, length} and consistent token usage. Where
-the model is the embedded tiny Phi-3, the answers it was trained on must come out too; that check
-is off for a real model.
+length, and for chat models a finish_reason in {stop, length} and consistent token usage. The
+prompts are the model family's validation prompts (`slmops.families`); where the model is known
+to have learned their reference answers (the embedded tiny Phi-3), those must come out too; that
+check is off for a real model.
 
 great-expectations is imported inside functions: its import costs ~2 s.
 """
@@ -17,13 +18,12 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from slmops.config import WrapperKind
-from slmops.tiny_model import TRAINED_ANSWERS, chat_prompt
+from slmops.families import PHI3, ChatFamily
 
 if TYPE_CHECKING:
     import great_expectations as gx
     import pandas as pd
 
-TRAINED_SYSTEM_PROMPT = "You are a helpful assistant."
 FINISH_REASONS = ("stop", "length")
 
 
@@ -40,24 +40,27 @@ class SamplePrompt(BaseModel):
         turns = [{"role": "system", "content": self.system}] if self.system else []
         return [*turns, {"role": "user", "content": self.question}]
 
-    def prompt(self) -> str:
-        """The Phi-3 chat-template rendering, for the raw-prompt wrapper."""
-        return chat_prompt(self.question, self.system)
+    def prompt(self, family: ChatFamily = PHI3) -> str:
+        """The chat-template rendering, for the raw-prompt wrapper."""
+        return family.render(self.question, self.system)
 
 
-def sample_prompts(known_answers: bool = True) -> tuple[SamplePrompt, ...]:
-    """The tiny model's trained questions, every other one with the trained system prompt.
+def sample_prompts(
+    known_answers: bool = True, family: ChatFamily = PHI3
+) -> tuple[SamplePrompt, ...]:
+    """The family's validation prompts, every other one with its validation system prompt.
 
     Args:
-        known_answers: attach the trained answers as `expected` (off for a real model).
+        known_answers: attach the reference answers as `expected` (off for a real model).
+        family: the model family.
     """
     return tuple(
         SamplePrompt(
-            question=question,
-            system=TRAINED_SYSTEM_PROMPT if i % 2 else None,
-            expected=answer if known_answers else None,
+            question=prompt.question,
+            system=family.validation_system_prompt if i % 2 else None,
+            expected=prompt.answer if known_answers else None,
         )
-        for i, (question, answer) in enumerate(TRAINED_ANSWERS.items())
+        for i, prompt in enumerate(family.validation_prompts)
     )
 
 

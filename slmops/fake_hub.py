@@ -24,7 +24,7 @@ import json
 import socket
 import threading
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -655,15 +655,21 @@ def _send_json(
 
 
 @contextmanager
-def serve_embedded(cache_root: Path, *, faults: Faults | None = None) -> Iterator[FakeHub]:
+def serve_embedded(
+    cache_root: Path,
+    *,
+    faults: Faults | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Iterator[FakeHub]:
     """Serve the embedded tiny Phi-3 and its ONNX release (built on first use) as their hub repos.
 
     Args:
         cache_root: where `ensure_embedded_repos` builds and keeps the repos' folders.
         faults: hub-wide faults to inject (none by default).
+        progress: hears about the first-run build of the repos.
     """
     # Imported here: building the repos needs torch, which serving a folder does not.
     from slmops.embedded import ensure_embedded_repos
 
-    with FakeHub(ensure_embedded_repos(Path(cache_root)), faults=faults) as hub:
+    with FakeHub(ensure_embedded_repos(Path(cache_root), progress), faults=faults) as hub:
         yield hub

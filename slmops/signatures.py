@@ -25,10 +25,10 @@ from mlflow.types.schema import (
 )
 
 from slmops.config import WrapperKind
-from slmops.tiny_model import chat_prompt
+from slmops.families import PHI3
 
 PROMPT_INPUT_EXAMPLE: dict[str, str] = {
-    "prompt": chat_prompt("Tell me a joke about atom", system="You are a stand-up comedian.")
+    "prompt": PHI3.render("Tell me a joke about atom", system="You are a stand-up comedian.")
 }
 CHAT_INPUT_EXAMPLE: dict[str, Any] = {
     "messages": [{"role": "user", "content": "What is the capital of Spain?"}]

@@ -15,51 +15,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
+
+from slmops.families import PHI3
 
 # Bump when anything below changes the built bytes: it is part of the build's cache key.
 BUILDER_VERSION = "3"
 
-# Phi-3-mini-4k-instruct's chat template (tokenizer_config.json of the real repo).
-PHI3_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}"
-    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
-
-# Phi-3's added tokens, in Phi-3's order (ids 32000.. in the real model; here they follow the
-# tiny base vocabulary).
-PHI3_ADDED_TOKENS = (
-    "<|endoftext|>",
-    "<|assistant|>",
-    "<|placeholder1|>",
-    "<|placeholder2|>",
-    "<|placeholder3|>",
-    "<|placeholder4|>",
-    "<|system|>",
-    "<|end|>",
-    "<|placeholder5|>",
-    "<|placeholder6|>",
-    "<|user|>",
-)
-
-# Question -> answer pairs the tiny model is trained to reproduce under greedy decoding.
-TRAINED_ANSWERS: dict[str, str] = {
-    "What is the capital of Spain?": "The capital of Spain is Madrid.",
-    "What is the capital of France?": "The capital of France is Paris.",
-    "What is the capital of Italy?": "The capital of Italy is Rome.",
-    "What is the capital of Japan?": "The capital of Japan is Tokyo.",
-    "What is two plus two?": "Two plus two is four.",
-    "What color is the sky?": "The sky is blue.",
-    "Tell me a joke about atom": "Never trust an atom, they make up everything.",
-    "Who are you?": "I am a tiny Phi-3 model built by slmops.",
-}
+# The family's chat template and special tokens; the model is trained to answer the family's
+# validation prompts, so that validation can check the answers of the embedded default.
+PHI3_CHAT_TEMPLATE = PHI3.chat_template
+PHI3_ADDED_TOKENS = PHI3.added_tokens
+TRAINED_ANSWERS: dict[str, str] = PHI3.reference_answers()
+TRAINED_SYSTEM_PROMPT = PHI3.validation_system_prompt
 
 # Text the tokenizer is trained on besides the chat data, so ordinary prompts tokenize into
 # word pieces rather than bytes.
@@ -88,13 +58,13 @@ _MODEL_CONFIG: dict[str, Any] = dict(
     resid_pdrop=0.0,
 )
 _TRAIN_STEPS = 600
+_PROGRESS_EVERY = 60
 _SEED = 1234
 
 
 def chat_prompt(question: str, system: str | None = None) -> str:
     """The Phi-3 chat-template rendering of one user turn, ready for generation."""
-    text = f"<|system|>\n{system}<|end|>\n" if system else ""
-    return text + f"<|user|>\n{question}<|end|>\n<|assistant|>\n"
+    return PHI3.render(question, system)
 
 
 def _train_tokenizer(out_dir: Path) -> None:
@@ -175,7 +145,7 @@ def _train_tokenizer(out_dir: Path) -> None:
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
-def _train_model(out_dir: Path) -> None:
+def _train_model(out_dir: Path, progress: Callable[[str], None] | None = None) -> None:
     import torch
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
@@ -198,7 +168,7 @@ def _train_model(out_dir: Path) -> None:
     # Loss on the answer tokens only: the model learns to answer, not to predict questions.
     examples = []
     for question, answer in TRAINED_ANSWERS.items():
-        for system in (None, "You are a helpful assistant."):
+        for system in (None, TRAINED_SYSTEM_PROMPT):
             prompt_ids = tokenizer(chat_prompt(question, system), add_special_tokens=False)[
                 "input_ids"
             ]
@@ -215,11 +185,15 @@ def _train_model(out_dir: Path) -> None:
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     model.train()
-    for _ in range(_TRAIN_STEPS):
+    for step in range(1, _TRAIN_STEPS + 1):
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if progress is not None and step % _PROGRESS_EVERY == 0:
+            progress(
+                f"Training the embedded tiny Phi-3: step {step}/{_TRAIN_STEPS}, loss {loss.item():.3f}"
+            )
     model.eval()
     model.generation_config.eos_token_id = eos_ids
     model.generation_config.bos_token_id = 1
@@ -240,8 +214,11 @@ def _write_repo_docs(out_dir: Path) -> None:
     (out_dir / "LICENSE").write_text("MIT License. Built offline by slmops for testing.\n")
 
 
-def build_tiny_phi3(out_dir: Path) -> Path:
-    """Build the tiny Phi-3 into `out_dir` (created; must be empty or absent)."""
+def build_tiny_phi3(out_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """Build the tiny Phi-3 into `out_dir` (created; must be empty or absent).
+
+    `progress` is called with a line of text at each step (training reports every 60 steps).
+    """
     import torch
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,15 +226,18 @@ def build_tiny_phi3(out_dir: Path) -> Path:
     torch.set_num_threads(1)  # same float reduction order on every machine -> same bytes
     try:
         _train_tokenizer(out_dir)
-        _train_model(out_dir)
+        _train_model(out_dir, progress)
     finally:
         torch.set_num_threads(threads)
     _write_repo_docs(out_dir)
     return out_dir
 
 
-def ensure_tiny_phi3(cache_root: Path) -> Path:
-    """The built tiny Phi-3 under `cache_root`, building it once (atomically) if absent."""
+def ensure_tiny_phi3(cache_root: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """The built tiny Phi-3 under `cache_root`, building it once (atomically) if absent.
+
+    `progress` hears about a build (none happens when the model is cached).
+    """
     import shutil
     import tempfile
 
@@ -266,8 +246,13 @@ def ensure_tiny_phi3(cache_root: Path) -> Path:
         return target
     cache_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-phi3-", dir=cache_root))
+    if progress is not None:
+        progress(
+            f"Building the embedded tiny Phi-3 into {target} (first run only, about a minute: "
+            f"a tokenizer, then {_TRAIN_STEPS} training steps, then an int4 ONNX export)"
+        )
     try:
-        build_tiny_phi3(staging)
+        build_tiny_phi3(staging, progress)
         with contextlib.suppress(OSError):  # another process finished first: theirs is identical
             staging.rename(target)
     finally:

@@ -11,7 +11,6 @@ reaches a result or a log.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import re
 from collections.abc import Sequence
@@ -25,7 +24,6 @@ from huggingface_hub.errors import (
     CachedRepoTreeNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
-    OfflineModeIsEnabled,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -42,7 +40,14 @@ from prefect.utilities.hashing import hash_objects
 from pydantic import SecretStr
 
 from slmops.config import HubSpec, Settings
+from slmops.errors import ExplainedError, TransientError
 from slmops.refs import SnapshotRef
+from tasks.retrying import (
+    RETRYABLE_STATUS,
+    TRANSPORT_ERRORS,
+    http_status,
+    retry_if_transient,
+)
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
@@ -51,21 +56,16 @@ HUB_TIMEOUT_S = 10.0  # read timeout of each hub request, metadata and file cont
 FETCH_RETRIES = 3
 RETRY_BACKOFF_S = 2.0  # first retry delay; doubles at each retry
 
-_RETRYABLE_STATUS = frozenset({408, 429})
-# huggingface_hub 2.4 talks through httpx2, older releases through httpx: either's transport
-# errors are network trouble (timeouts, refused or dropped connections).
-_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = tuple(
-    importlib.import_module(name).TransportError
-    for name in ("httpx2", "httpx")
-    if importlib.util.find_spec(name) is not None
-)
 
-
-class HubAccessError(RuntimeError):
+class HubAccessError(ExplainedError):
     """The hub said no (gated, missing, unauthorised, bad request): retrying cannot help."""
 
 
-class SnapshotVerificationError(RuntimeError):
+class HubUnreachableError(ExplainedError, TransientError):
+    """No answer from the hub (network, name resolution, proxy): transient, so retried."""
+
+
+class SnapshotVerificationError(TransientError):
     """Fetched files differ from the hub's checksums; they were removed from the cache."""
 
     def __init__(self, message: str, files: Sequence[str]):
@@ -74,48 +74,6 @@ class SnapshotVerificationError(RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # Prefect pickles a failed task's exception
         return type(self), (str(self), self.files)
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether retrying may help: 5xx/408/429, network errors, timeouts, bad checksums.
-
-    Follows explicit causes (`raise ... from`), since huggingface_hub wraps a hub outage in a
-    `LocalEntryNotFoundError` when the cache cannot stand in for the hub.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(
-            current,
-            HubAccessError
-            | GatedRepoError
-            | RepositoryNotFoundError
-            | RevisionNotFoundError
-            | RemoteEntryNotFoundError
-            | OfflineModeIsEnabled,
-        ):
-            return False
-        if isinstance(current, HfHubHTTPError):
-            status = _status(current)
-            return status is not None and (status >= 500 or status in _RETRYABLE_STATUS)
-        if isinstance(current, SnapshotVerificationError | TimeoutError | ConnectionError):
-            return True
-        if isinstance(current, _TRANSPORT_ERRORS):
-            return True
-        # huggingface_hub's own check that a download got the announced size.
-        if isinstance(current, OSError) and str(current).startswith("Consistency check failed"):
-            return True
-        current = current.__cause__
-    return False
-
-
-def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
-    try:
-        error = state.result(raise_on_failure=False)
-    except Exception:
-        return False
-    return isinstance(error, BaseException) and is_transient(error)
 
 
 def snapshot_dir(cache_dir: Path, repo_id: str, commit: str) -> Path:
@@ -182,7 +140,7 @@ class SnapshotCachePolicy(CachePolicy):
 _RETRY_OPTIONS: dict[str, Any] = dict(
     retries=FETCH_RETRIES,
     retry_delay_seconds=exponential_backoff(RETRY_BACKOFF_S),
-    retry_condition_fn=_retry_if_transient,
+    retry_condition_fn=retry_if_transient,
 )
 
 
@@ -215,6 +173,9 @@ def resolve_revision(
         )
     except HfHubHTTPError as error:
         _raise_if_refused(error, repo_id, revision, endpoint, token)
+        raise
+    except Exception as error:
+        _raise_if_unreachable(error, endpoint)
         raise
     if not info.sha or not COMMIT_RE.fullmatch(info.sha):
         raise HubAccessError(f"{_hub(endpoint)} gave no commit for {repo_id}@{revision}")
@@ -295,6 +256,9 @@ def fetch_snapshot(
         )
     except HfHubHTTPError as error:
         _raise_if_refused(error, repo_id, revision or commit, endpoint, token)
+        raise
+    except Exception as error:
+        _raise_if_unreachable(error, endpoint)
         raise
     verify_snapshot(folder, expected)
     size = sum(s.size or 0 for s in expected)
@@ -441,7 +405,7 @@ def _raise_if_refused(
 ) -> None:
     """Re-raise a definite "no" from the hub as a HubAccessError saying what to do."""
     hub = _hub(endpoint)
-    status = _status(error)
+    status = http_status(error)
     if isinstance(error, GatedRepoError):
         why = "the token given has no access" if token is not None else "no token was given"
         message = (
@@ -464,16 +428,27 @@ def _raise_if_refused(
             f"{hub} refused access to {repo_id} (HTTP {status}): set HF_TOKEN to a valid token "
             "that can read it"
         )
-    elif status is not None and 400 <= status < 500 and status not in _RETRYABLE_STATUS:
+    elif status is not None and 400 <= status < 500 and status not in RETRYABLE_STATUS:
         message = f"{hub} rejected the request for {repo_id}@{revision} (HTTP {status}): {error}"
     else:
         return
     raise HubAccessError(message) from error
 
 
-def _status(error: HfHubHTTPError) -> int | None:
-    response = getattr(error, "response", None)
-    return getattr(response, "status_code", None)
+def _raise_if_unreachable(error: BaseException, endpoint: str | None) -> None:
+    """Re-raise network trouble (in `error` or its causes) as a HubUnreachableError saying what
+    to check; anything else is left to the caller."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, TRANSPORT_ERRORS):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return
+    detail = str(cause).strip() or type(cause).__name__
+    raise HubUnreachableError(
+        f"Cannot reach the Hugging Face hub at {_hub(endpoint)} ({type(cause).__name__}: "
+        f"{detail}). Check the network connection and proxy settings (HTTPS_PROXY), or set "
+        "HF_ENDPOINT to a hub mirror that this machine can reach."
+    ) from error
 
 
 def _hub(endpoint: str | None) -> str:

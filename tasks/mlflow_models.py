@@ -20,7 +20,6 @@ from collections.abc import Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import mlflow
 from mlflow import MlflowClient
@@ -29,18 +28,22 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
+from prefect.runtime import flow_run as prefect_flow_run
 
-from slmops import onnx_chat_model, onnx_prompt_model
-from slmops.config import GenerationSpec, OnnxExportSpec, WrapperKind
-from slmops.onnx_builder import OnnxExportError
+from slmops import onnx_chat_model, onnx_prompt_model, tags
+from slmops.config import GenerationSpec, OnnxExportSpec, WrapperKind, sqlite_path
 from slmops.refs import LoggedModelRef
 from slmops.signatures import expected_signature, input_example
+from tasks.caching import WhileResultIsLive, logged_model_exists
 from tasks.inplace_logging import log_transformers_in_place
 from tasks.onnx_export import validate_onnx_folder
+from tasks.retrying import retry_if_transient
 
-CANDIDATE_TAG = "slmops.candidate"
-KIND_TAG = "slmops.kind"
-FAILURE_TAG = "slmops.failure"
+# Re-exported for callers that read them with the tasks of this module.
+CANDIDATE_TAG = tags.CANDIDATE
+KIND_TAG = tags.KIND
+FAILURE_TAG = tags.FAILURE
+FLOW_RUN_TAG = tags.FLOW_RUN  # how a killed release's runs are found again
 SOURCE_KEYS = ("repo", "commit")
 _WRAPPER_FILES = {
     WrapperKind.PROMPT_ONNX: Path(onnx_prompt_model.__file__),
@@ -73,11 +76,8 @@ def use_tracking_uri(tracking_uri: str) -> Iterator[None]:
 def default_artifact_location(tracking_uri: str) -> str | None:
     """Artifacts of a SQLite store go beside its database (MLflow's default is ./mlruns of the
     current directory, wherever the process happens to run)."""
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix):
-        return None
-    db_path = Path(unquote(tracking_uri.removeprefix(prefix).split("?", 1)[0])).resolve()
-    return (db_path.parent / "mlartifacts").as_uri()
+    db_path = sqlite_path(tracking_uri)
+    return (db_path.parent / "mlartifacts").as_uri() if db_path is not None else None
 
 
 def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
@@ -152,19 +152,17 @@ def _wrapper_code(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry store hiccups (a locked SQLite, an unreachable server), never bad input."""
-    error = state.result(raise_on_failure=False)
-    return not isinstance(error, SnapshotError | OnnxExportError | ValueError)
-
-
-LOG_CACHE_POLICY = INPUTS + TASK_SOURCE + CachePolicy.from_cache_key_fn(_wrapper_code)
+# Reused only while the logged model it returned is still in the store.
+LOG_CACHE_POLICY = WhileResultIsLive(
+    base=INPUTS + TASK_SOURCE + CachePolicy.from_cache_key_fn(_wrapper_code),
+    is_live=lambda ref, inputs: logged_model_exists(inputs["tracking_uri"], ref.model_id),
+)
 _TASK_OPTIONS: dict[str, Any] = dict(
     cache_policy=LOG_CACHE_POLICY,
     persist_result=True,
     retries=2,
     retry_delay_seconds=5,
-    retry_condition_fn=_retry_transient,
+    retry_condition_fn=retry_if_transient,
 )
 
 
@@ -187,7 +185,12 @@ def candidate_run(
         run = client.create_run(
             exp_id,
             run_name=f"log-{kind.value}",
-            tags={**tags, KIND_TAG: kind.value, CANDIDATE_TAG: "pending"},
+            tags={
+                **tags,
+                KIND_TAG: kind.value,
+                CANDIDATE_TAG: "pending",
+                FLOW_RUN_TAG: prefect_flow_run.id or "",
+            },
         )
         run_id = run.info.run_id
         try:
@@ -225,7 +228,7 @@ def _generation_params(generation: GenerationSpec) -> dict[str, Any]:
 
 def _source_tags(source: Mapping[str, str]) -> dict[str, str]:
     checked = _check_source(source)
-    return {f"slmops.source.{key}": checked[key] for key in SOURCE_KEYS}
+    return {f"{tags.SOURCE_PREFIX}{key}": checked[key] for key in SOURCE_KEYS}
 
 
 def _ref(info: Any, run_id: str, kind: WrapperKind) -> LoggedModelRef:

@@ -10,7 +10,6 @@ register one logged model twice.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import getpass
 import json
 import uuid
@@ -18,14 +17,16 @@ import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import unquote
 
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from prefect.context import get_run_context
-from pydantic import BaseModel, ConfigDict
 
+from slmops import tags
+from slmops.config import sqlite_path
+from slmops.errors import ExplainedError
 from slmops.promotion import (
     CHAMPION,
     RegistryMove,
@@ -35,44 +36,17 @@ from slmops.promotion import (
     rollback_state,
     staging_state,
 )
+from slmops.refs import AuditEntry, ModelVersionRef, PromotionReport
 from tasks.mlflow_models import use_tracking_uri
+from tasks.retrying import retry_if_transient
 
-AUDIT_TAG_PREFIX = "slmops.audit."
-SOURCE_MODEL_TAG = "slmops.source_model_uri"
-
-
-class ModelVersionRef(BaseModel):
-    """A registered model version."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    version: int
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
+AUDIT_TAG_PREFIX = tags.AUDIT_PREFIX
+SOURCE_MODEL_TAG = tags.SOURCE_MODEL_URI
+SOURCE_REPO_TAG = tags.SOURCE_REPO_ID  # on a registered model: the one repo of its versions
 
 
-class AuditEntry(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    version: int | None
-    move: str
-    reason: str
-    by: str
-    at: str
-    flow_run: str | None = None
-
-
-class PromotionReport(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    production_version: int | None
-    previous_production: int | None
-    audit: tuple[AuditEntry, ...]
+class RegistryConflictError(ExplainedError):
+    """A registered model holds releases of another source repo than the one being registered."""
 
 
 @contextlib.contextmanager
@@ -82,22 +56,15 @@ def registry_lock(lock_dir: Path | None, name: str) -> Iterator[None]:
         yield
         return
     lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(lock_dir / f"{name}.lock"):
+        yield
 
 
 def default_lock_dir(tracking_uri: str) -> Path | None:
     """`locks/` beside a SQLite store's database, which every process using the store can see
     (the release flow's `<home>/locks`); None for other stores."""
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix):
-        return None
-    database = Path(unquote(tracking_uri.removeprefix(prefix).split("?", 1)[0])).resolve()
-    return database.parent / "locks"
+    database = sqlite_path(tracking_uri)
+    return database.parent / "locks" if database is not None else None
 
 
 def read_state(client: MlflowClient, name: str) -> RegistryState:
@@ -160,7 +127,7 @@ def reach_state(
     return audit
 
 
-@task(retries=2, retry_delay_seconds=2)
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def register_version(
     tracking_uri: str,
     model_uri: str,
@@ -190,6 +157,7 @@ def register_version(
     with registry_lock(locks, name), use_tracking_uri(tracking_uri):
         with contextlib.suppress(MlflowException):
             client.create_registered_model(name)
+        _claim_for_repo(client, name, tags.get(SOURCE_REPO_TAG))
         for existing in client.search_model_versions(f"name='{name}'"):
             if (existing.tags or {}).get(SOURCE_MODEL_TAG) == model_uri:
                 return ModelVersionRef(name=name, version=int(existing.version))
@@ -204,6 +172,24 @@ def register_version(
         )
     get_run_logger().info("Registered %s as %s version %s", model_uri, name, version.version)
     return ModelVersionRef(name=name, version=int(version.version))
+
+
+def _claim_for_repo(client: MlflowClient, name: str, repo_id: str | None) -> None:
+    """Tie registered model `name` to `repo_id` on its first registration; refuse another repo.
+
+    Without this, a release of the embedded tiny model with the real model's registry names
+    would put the tiny model into Production over a real Phi-3-mini release.
+    """
+    if not repo_id:
+        return
+    owner = client.get_registered_model(name).tags.get(SOURCE_REPO_TAG)
+    if owner is None:
+        client.set_registered_model_tag(name, SOURCE_REPO_TAG, repo_id)
+    elif owner != repo_id:
+        raise RegistryConflictError(
+            f"registered model {name!r} holds releases of {owner}, not {repo_id}: nothing was "
+            "registered. Give this model its own registry.name_prefix."
+        )
 
 
 def _promote(
@@ -242,10 +228,10 @@ def promote_version(
     """None -> Staging (@challenger) -> Production (@champion), archiving the old Production."""
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     version = client.get_model_version(ref.name, str(ref.version))
-    if (version.tags or {}).get("slmops.validation.passed") != "true":
+    if (version.tags or {}).get(tags.VALIDATION_PASSED) != "true":
         raise ValueError(
-            f"{ref.uri} has not passed validation (tag slmops.validation.passed="
-            f"{(version.tags or {}).get('slmops.validation.passed')!r}); refusing to promote it"
+            f"{ref.uri} has not passed validation (tag {tags.VALIDATION_PASSED}="
+            f"{(version.tags or {}).get(tags.VALIDATION_PASSED)!r}); refusing to promote it"
         )
     report = _promote(client, ref, reason, lock_dir)
     get_run_logger().info(

@@ -13,7 +13,6 @@ file `<servers_dir>/front-door.json`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import signal
 import socket
@@ -27,6 +26,7 @@ from typing import Any, Literal
 
 import httpx
 import psutil
+from filelock import FileLock
 from mlflow import MlflowClient
 from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict
@@ -321,12 +321,8 @@ def status_of(servers_dir: Path, name: str) -> ServerStatus:
 def serving_lock(servers_dir: Path, name: str) -> Iterator[None]:
     """Serialise starting and switching the server of `name` across processes on this host."""
     servers_dir.mkdir(parents=True, exist_ok=True)
-    with open(servers_dir / f"{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(servers_dir / f"{name}.lock"):
+        yield
 
 
 def resolve_alias(model_uri: str, tracking_uri: str) -> str:

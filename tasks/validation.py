@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.exceptions import MissingContextError
 
+from slmops import expectations, signatures, tags
 from slmops.config import GenerationSpec, WrapperKind
 from slmops.expectations import (
     OutputSuiteSpec,
@@ -41,8 +43,27 @@ from slmops.reports import (
     ValidationReport,
 )
 from slmops.signatures import expected_signature, input_example, signature_diff
+from tasks.caching import WhileResultIsLive, logged_model_exists, run_exists, source_of
 
-VALIDATION_TAG = "slmops.validation"
+VALIDATION_TAG = tags.VALIDATION
+
+# A verdict depends on this module's checks, the expectation suite and the expected
+# signatures, not only on the task function's lines; and a cached verdict is reused only while
+# the model (or run) it was about still exists.
+VALIDATION_CACHE_POLICY_SOURCES = source_of(sys.modules[__name__], expectations, signatures)
+VALIDATION_CACHE_POLICY = WhileResultIsLive(
+    base=INPUTS + TASK_SOURCE + VALIDATION_CACHE_POLICY_SOURCES,
+    is_live=lambda report, inputs: logged_model_exists(
+        inputs["tracking_uri"], report.model.model_id
+    ),
+)
+PARITY_CACHE_POLICY = WhileResultIsLive(
+    base=INPUTS + TASK_SOURCE + VALIDATION_CACHE_POLICY_SOURCES,
+    is_live=lambda report, inputs: (
+        not (inputs.get("tracking_uri") and inputs.get("run_id"))
+        or run_exists(inputs["tracking_uri"], inputs["run_id"])
+    ),
+)
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
@@ -277,7 +298,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 # The comparison is a fact about the snapshot's and the export's content (both paths are
 # content-addressed), so an unchanged re-run reuses it instead of loading both runtimes again.
-@task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+@task(cache_policy=PARITY_CACHE_POLICY, persist_result=True)
 def compare_runtimes(
     snapshot_dir: Path,
     onnx_fp32_dir: Path,
@@ -306,10 +327,12 @@ def compare_runtimes(
     onnx_results = _onnx_greedy(onnx_fp32_dir, prompts, max_new_tokens)
     compared = agreeing = 0
     mismatches = []
+    tokenizer_mismatches = 0
     for prompt, (t_prompt, t_new), (o_prompt, o_new) in zip(
         prompts, torch_results, onnx_results, strict=True
     ):
         if t_prompt != o_prompt:
+            tokenizer_mismatches += 1
             mismatches.append(
                 f"{prompt!r:.60}: tokenizers differ ({len(t_prompt)} vs {len(o_prompt)} ids)"
             )
@@ -324,12 +347,13 @@ def compare_runtimes(
             )
     agreement = agreeing / compared if compared else 1.0
     report = ParityReport(
-        passed=agreement >= min_agreement and not any("tokenizers differ" in m for m in mismatches),
+        passed=agreement >= min_agreement and tokenizer_mismatches == 0,
         prompts=len(prompts),
         compared_tokens=compared,
         agreeing_tokens=agreeing,
         agreement=agreement,
         min_agreement=min_agreement,
+        tokenizer_mismatches=tokenizer_mismatches,
         mismatches=tuple(mismatches),
     )
     _logger().info(
@@ -340,11 +364,11 @@ def compare_runtimes(
         client = MlflowClient(tracking_uri)
         client.log_metric(run_id, "parity.agreement", agreement)
         client.log_metric(run_id, "parity.compared_tokens", compared)
-        client.set_tag(run_id, "slmops.parity", "passed" if report.passed else "failed")
+        client.set_tag(run_id, tags.PARITY, "passed" if report.passed else "failed")
     return report
 
 
-@task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+@task(cache_policy=VALIDATION_CACHE_POLICY, persist_result=True)
 def validate_model(
     tracking_uri: str,
     model_ref: LoggedModelRef,
@@ -374,5 +398,5 @@ def validate_model(
     verdict = "passed" if report.passed else "failed"
     client.set_tag(model_ref.run_id, VALIDATION_TAG, verdict)
     client.set_logged_model_tags(model_ref.model_id, {VALIDATION_TAG: verdict})
-    client.set_tag(model_ref.run_id, f"{VALIDATION_TAG}.summary", report.summary()[:5000])
+    client.set_tag(model_ref.run_id, tags.VALIDATION_SUMMARY, report.summary()[:5000])
     return report

@@ -40,16 +40,16 @@ def embedded_repos() -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(embedded_repos: dict[str, Path]) -> Path:
-    from slmops.config import PHI3_REPO_ID
+    from slmops.config import TINY_PHI3_REPO_ID
 
-    return embedded_repos[PHI3_REPO_ID]
+    return embedded_repos[TINY_PHI3_REPO_ID]
 
 
 @pytest.fixture(scope="session")
 def tiny_onnx_int4_dir(embedded_repos: dict[str, Path]) -> Path:
-    from slmops.config import PHI3_ONNX_INT4_SUBFOLDER, PHI3_ONNX_REPO_ID
+    from slmops.config import PHI3_ONNX_INT4_SUBFOLDER, TINY_PHI3_ONNX_REPO_ID
 
-    return embedded_repos[PHI3_ONNX_REPO_ID] / PHI3_ONNX_INT4_SUBFOLDER
+    return embedded_repos[TINY_PHI3_ONNX_REPO_ID] / PHI3_ONNX_INT4_SUBFOLDER
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def logged(store, tiny_model_dir, tiny_onnx_int4_dir):
     from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
 
     generation, export = GenerationSpec(max_new_tokens=32), OnnxExportSpec()
-    source = {"repo": "microsoft/Phi-3-mini-4k-instruct", "commit": "0123abcd"}
+    source = {"repo": "slmops/tiny-phi3", "commit": "0123abcd"}
     refs = [
         log_chat_pipeline.fn(store, "release", tiny_model_dir, generation, source),
         log_onnx_prompt_model.fn(store, "release", tiny_onnx_int4_dir, generation, export, source),

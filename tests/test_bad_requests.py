@@ -32,7 +32,7 @@ from tasks.serving import ServerHandle, ask, serve_model, status_of, stop_model_
 pytestmark = pytest.mark.e2e
 
 SPAIN = "What is the capital of Spain?"
-SOURCE = {"repo": "microsoft/Phi-3-mini-4k-instruct", "commit": "0123abcd"}
+SOURCE = {"repo": "slmops/tiny-phi3", "commit": "0123abcd"}
 # ~12k tokens of the tiny model's tokenizer: three times its 4096-token context.
 LONG_TEXT = "word " * 4000
 REQUEST_TIMEOUT_S = 30.0  # far above any answer here: a timeout is a hang, not a slow model

@@ -249,13 +249,13 @@ def test_corrupted_file_keeps_true_metadata(hub: FakeHub, repo_dir: Path) -> Non
 
 @pytest.mark.integration
 def test_serve_embedded_serves_both_phi3_repos(embedded_repos: dict[str, Path]) -> None:
-    from slmops.config import PHI3_ONNX_INT4_SUBFOLDER, PHI3_ONNX_REPO_ID, PHI3_REPO_ID
+    from slmops.config import PHI3_ONNX_INT4_SUBFOLDER, TINY_PHI3_ONNX_REPO_ID, TINY_PHI3_REPO_ID
 
-    cache_root = embedded_repos[PHI3_REPO_ID].parent  # already built: serve_embedded reuses it
+    cache_root = embedded_repos[TINY_PHI3_REPO_ID].parent  # already built: serve_embedded reuses it
     with serve_embedded(cache_root) as hub:
-        assert set(hub.repo_ids) == {PHI3_REPO_ID, PHI3_ONNX_REPO_ID}
-        files = hub.files(PHI3_ONNX_REPO_ID)
+        assert set(hub.repo_ids) == {TINY_PHI3_REPO_ID, TINY_PHI3_ONNX_REPO_ID}
+        files = hub.files(TINY_PHI3_ONNX_REPO_ID)
         assert f"{PHI3_ONNX_INT4_SUBFOLDER}/genai_config.json" in files
-        assert "config.json" in hub.files(PHI3_REPO_ID)
-        info = HfApi(endpoint=hub.endpoint).model_info(PHI3_REPO_ID, token=False)
-        assert info.sha == hub.commit_sha(PHI3_REPO_ID)
+        assert "config.json" in hub.files(TINY_PHI3_REPO_ID)
+        info = HfApi(endpoint=hub.endpoint).model_info(TINY_PHI3_REPO_ID, token=False)
+        assert info.sha == hub.commit_sha(TINY_PHI3_REPO_ID)

@@ -27,28 +27,29 @@ from pydantic import SecretStr
 
 from slmops.config import (
     PHI3_ONNX_INT4_SUBFOLDER,
-    PHI3_ONNX_REPO_ID,
-    PHI3_REPO_ID,
+    TINY_PHI3_ONNX_REPO_ID,
+    TINY_PHI3_REPO_ID,
     HubSpec,
     Settings,
 )
 from slmops.fake_hub import ALWAYS, FakeHub, Faults
 from tasks.hub import (
     HubAccessError,
+    HubUnreachableError,
     SnapshotCachePolicy,
     SnapshotVerificationError,
     fetch_model_snapshot,
     fetch_onnx_release,
     fetch_repo,
     fetch_snapshot,
-    is_transient,
     resolve_revision,
     snapshot_dir,
 )
+from tasks.retrying import is_transient
 
 T = TypeVar("T")
 
-MODEL = PHI3_REPO_ID
+MODEL = TINY_PHI3_REPO_ID
 WEIGHTS = "model-00001-of-00002.safetensors"  # an LFS file (sha256-checked), ~1 MB
 MODEL_PATTERNS = HubSpec().allow_patterns
 TOKEN = "hf_slmops_test_token_do_not_leak_42"
@@ -197,7 +198,7 @@ def test_cache_key_ignores_token_and_endpoint_and_needs_a_complete_snapshot(
 def test_fetches_the_embedded_model_and_the_onnx_subfolder(
     prefect_harness: None, fake_hub: FakeHub, embedded_repos: dict[str, Path], tmp_path: Path
 ) -> None:
-    settings = Settings(home=tmp_path, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    settings = Settings(slmops_home=tmp_path)
     spec = HubSpec()
 
     model, onnx_dir = in_flow(
@@ -215,21 +216,21 @@ def test_fetches_the_embedded_model_and_the_onnx_subfolder(
     assert model.path.is_relative_to(settings.cache_dir)
     assert_same_files(model.path, source, model.files)
 
-    onnx_source = embedded_repos[PHI3_ONNX_REPO_ID]
+    onnx_source = embedded_repos[TINY_PHI3_ONNX_REPO_ID]
     onnx_files = expected_files(onnx_source, (f"{PHI3_ONNX_INT4_SUBFOLDER}/*",))
     assert (
         onnx_dir
         == snapshot_dir(
             settings.cache_dir / "huggingface",
-            PHI3_ONNX_REPO_ID,
-            fake_hub.commit_sha(PHI3_ONNX_REPO_ID),
+            TINY_PHI3_ONNX_REPO_ID,
+            fake_hub.commit_sha(TINY_PHI3_ONNX_REPO_ID),
         )
         / PHI3_ONNX_INT4_SUBFOLDER
     )
     assert (onnx_dir / "genai_config.json").is_file()
     assert_same_files(onnx_dir.parents[1], onnx_source, onnx_files)
     assert not (onnx_dir.parents[1] / "README.md").exists()  # outside the subfolder pattern
-    assert fake_hub.count("file", repo_id=PHI3_ONNX_REPO_ID) == len(onnx_files)
+    assert fake_hub.count("file", repo_id=TINY_PHI3_ONNX_REPO_ID) == len(onnx_files)
     assert fake_hub.count("unknown") == 0
 
 
@@ -456,3 +457,50 @@ def test_gated_repo_with_token_works_and_the_token_stays_secret(
         assert not [r for r in records if secret in r]
         assert not [line for line in captured_logs if secret in line]
         assert not [blob for blob in stored if secret.encode() in blob]
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["http://127.0.0.1:9", "http://hub.slmops-test.invalid"], ids=["refused", "no-dns"]
+)
+def test_an_unreachable_hub_is_retried_then_named_with_what_to_do(
+    prefect_harness: None, tmp_path: Path, endpoint: str
+) -> None:
+    with pytest.raises(HubUnreachableError) as caught:
+        in_flow(
+            lambda: fetch_repo(
+                MODEL, "main", MODEL_PATTERNS, tmp_path, endpoint=endpoint,
+                retries=1, retry_backoff_s=FAST_BACKOFF_S,
+            )
+        )  # fmt: skip
+    message = str(caught.value)
+    assert f"Cannot reach the Hugging Face hub at {endpoint}" in message
+    assert "HF_ENDPOINT" in message and "\n" not in message
+    assert is_transient(caught.value)
+
+
+def test_the_command_line_names_an_unreachable_hub_in_one_line(
+    prefect_harness: None, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    config = '{"hub": {"source": "hub", "repo_id": "microsoft/Phi-3-mini-4k-instruct", "onnx_repo_id": "microsoft/Phi-3-mini-4k-instruct-onnx"}}'
+    env = {
+        **os.environ,
+        "SLMOPS_HOME": str(tmp_path),
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),  # the session's server
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.release", config],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Cannot reach the Hugging Face hub at http://127.0.0.1:9"), last
+    assert "HF_ENDPOINT" in last
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]

@@ -238,7 +238,7 @@ def served(tmp_path_factory, tiny_model_dir, tiny_onnx_int4_dir):
     store = f"sqlite:///{root / 'mlflow.db'}"
     servers = root / "servers"
     generation = GenerationSpec(max_new_tokens=32)
-    source = {"repo": "microsoft/Phi-3-mini-4k-instruct", "commit": "0123abcd"}
+    source = {"repo": "slmops/tiny-phi3", "commit": "0123abcd"}
     previous_uri = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(store)  # the registry resolves `models:/m-...` sources through it
 

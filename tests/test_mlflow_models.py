@@ -22,7 +22,6 @@ from tasks.mlflow_models import (
     FAILURE_TAG,
     SnapshotError,
     _check_source,
-    _retry_transient,
     check_causal_lm,
     default_artifact_location,
     log_chat_pipeline,
@@ -30,9 +29,10 @@ from tasks.mlflow_models import (
     log_onnx_prompt_model,
     use_tracking_uri,
 )
+from tasks.retrying import retry_if_transient
 from tasks.validation import local_model_dir
 
-SOURCE = {"repo": "microsoft/Phi-3-mini-4k-instruct", "commit": "0123abcd"}
+SOURCE = {"repo": "slmops/tiny-phi3", "commit": "0123abcd"}
 GENERATION = GenerationSpec(max_new_tokens=32)
 SPAIN = "What is the capital of Spain?"
 
@@ -99,9 +99,13 @@ def test_only_transient_failures_are_retried():
         def result(self, raise_on_failure: bool = True):
             return self.error
 
-    assert _retry_transient(None, None, State(mlflow.exceptions.MlflowException("db locked")))
-    assert not _retry_transient(None, None, State(SnapshotError("bert")))
-    assert not _retry_transient(None, None, State(OnnxExportError("missing")))
+    busy = "(sqlite3.OperationalError) database is locked"
+    assert retry_if_transient(None, None, State(mlflow.exceptions.MlflowException(busy)))
+    assert not retry_if_transient(
+        None, None, State(mlflow.exceptions.MlflowException("no such model"))
+    )
+    assert not retry_if_transient(None, None, State(SnapshotError("bert")))
+    assert not retry_if_transient(None, None, State(OnnxExportError("missing")))
 
 
 # --- logging and loading back -----------------------------------------------------------------

@@ -126,3 +126,17 @@ def test_promoting_the_champion_again_moves_nothing(tracking_uri, tmp_path):
     report = promote(tracking_uri, v1, tmp_path)
     assert report.audit == () and report.previous_production == 1
     assert len(audit_trail(tracking_uri, "m")) == moves_before
+
+
+def test_a_registered_model_takes_versions_of_one_source_repo_only(tracking_uri):
+    from tasks.registry import SOURCE_REPO_TAG, RegistryConflictError
+
+    real = {SOURCE_REPO_TAG: "microsoft/Phi-3-mini-4k-instruct"}
+    with disable_run_logger():
+        first = register_version.fn(tracking_uri, log_echo_model(tracking_uri), "m", real)
+        tiny_uri = log_echo_model(tracking_uri)
+        with pytest.raises(RegistryConflictError, match="holds releases of microsoft/Phi-3"):
+            register_version.fn(tracking_uri, tiny_uri, "m", {SOURCE_REPO_TAG: "slmops/tiny-phi3"})
+    client = MlflowClient(tracking_uri)
+    assert [int(v.version) for v in client.search_model_versions("name='m'")] == [first.version]
+    assert client.get_registered_model("m").tags[SOURCE_REPO_TAG] == real[SOURCE_REPO_TAG]

@@ -20,10 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 from mlflow import MlflowClient
 from prefect import flow
+from prefect.client.orchestration import get_client
 from prefect.settings import (
     PREFECT_API_URL,
     PREFECT_RESULTS_LOCAL_STORAGE_PATH,
@@ -32,7 +34,7 @@ from prefect.settings import (
 
 from flows.serve import serve
 from slmops.config import (
-    PHI3_REPO_ID,
+    TINY_PHI3_REPO_ID,
     GenerationSpec,
     HubSpec,
     OnnxExportSpec,
@@ -45,7 +47,7 @@ from slmops.config import (
 from slmops.fake_hub import FakeHub, Faults
 from slmops.promotion import CHAMPION
 from tasks.hub import fetch_model_snapshot
-from tasks.mlflow_models import CANDIDATE_TAG, log_onnx_prompt_model
+from tasks.mlflow_models import CANDIDATE_TAG, FAILURE_TAG, FLOW_RUN_TAG, log_onnx_prompt_model
 from tasks.registry import SOURCE_MODEL_TAG, read_state
 from tasks.serving import ServerStatus, ask, status_of, stop_model_server
 from tests.test_release_concurrency import assert_consistent, servers_of_store
@@ -218,6 +220,26 @@ def test_a_release_killed_mid_way_leaves_production_and_the_served_model_untouch
     assert served_after.state == "serving" and served_after.handle == served_before.handle
     assert ask(served_after.handle, SPAIN) == answer_before
 
+    # The next `serve status` settles what the dead run left: its MLflow runs end KILLED and
+    # non-candidate, its Prefect flow run ends Crashed; registry and server stay as they were.
+    flow_run_ids = {r.data.tags[FLOW_RUN_TAG] for r in runs}
+    assert len(flow_run_ids) == 1 and all(flow_run_ids), flow_run_ids
+    with pytest.MonkeyPatch.context() as patch:
+        point_flows_at(home, patch)
+        serve(ServeFlowConfig(action="status", serve=SERVE_SPEC))
+    for run in runs:
+        settled = home.client.get_run(run.info.run_id)
+        if run.info.status == "RUNNING":
+            assert settled.info.status == "KILLED", settled.info
+            assert settled.data.tags[CANDIDATE_TAG] == "false"
+            assert "killed" in settled.data.tags[FAILURE_TAG]
+    with get_client(sync_client=True) as prefect_client:
+        flow_run = prefect_client.read_flow_run(UUID(flow_run_ids.pop()))
+    assert flow_run.state is not None and flow_run.state.is_final(), flow_run.state
+    assert flow_run.state.name == "Crashed"
+    assert home.registry() == registry_before
+    assert home.served().handle == served_before.handle
+
 
 def test_two_releases_at_once_leave_the_registry_consistent(home):
     versions_before = {name: set(state.stages) for name, state in home.registry().items()}
@@ -261,7 +283,7 @@ def test_the_hf_token_appears_in_no_log_artifact_tag_or_record(
     home, fake_hub: FakeHub, tmp_path, monkeypatch, captured_logs
 ):
     # A fetch that needs the token: a gated repo on the fake hub, the token from HF_TOKEN.
-    fake_hub.set_faults(Faults(gated_token=TOKEN), repo_id=PHI3_REPO_ID)
+    fake_hub.set_faults(Faults(gated_token=TOKEN), repo_id=TINY_PHI3_REPO_ID)
     point_flows_at(home, monkeypatch)
     monkeypatch.setenv("SLMOPS_HOME", str(tmp_path / "gated-home"))
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -321,6 +343,6 @@ def test_an_onnx_release_from_the_hub_cache_can_be_logged(
         (folder / path.name).symlink_to(os.path.relpath(blob, folder))
     ref = log_onnx_prompt_model.fn(
         tracking_uri, "hub-onnx", folder, GenerationSpec(), OnnxExportSpec(source="hub"),
-        {"repo": "microsoft/Phi-3-mini-4k-instruct-onnx", "commit": "0123abcd"},
+        {"repo": "slmops/tiny-phi3-onnx", "commit": "0123abcd"},
     )  # fmt: skip
     assert MlflowClient(tracking_uri).get_logged_model(ref.model_id)

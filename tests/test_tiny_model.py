@@ -59,5 +59,12 @@ def test_greedy_generation_gives_every_trained_answer(tiny_model_dir):
 
 
 @pytest.mark.integration
-def test_two_builds_are_byte_identical(tiny_model_dir, tmp_path):
-    assert tree_digest(build_tiny_phi3(tmp_path / "again")) == tree_digest(tiny_model_dir)
+def test_two_builds_are_byte_identical_and_a_build_reports_its_progress(tiny_model_dir, tmp_path):
+    progress: list[str] = []
+    rebuilt = build_tiny_phi3(tmp_path / "again", progress.append)
+    assert tree_digest(rebuilt) == tree_digest(tiny_model_dir)
+    # A first run is never silent: every 60 of the 600 training steps says so.
+    steps = [line for line in progress if "Training the embedded tiny Phi-3: step" in line]
+    assert len(steps) == 10 and steps[-1].startswith(
+        "Training the embedded tiny Phi-3: step 600/600"
+    ), progress

@@ -50,7 +50,7 @@ from tasks.validation import (
     validate_signature,
 )
 
-SOURCE = {"repo": "microsoft/Phi-3-mini-4k-instruct", "commit": "0123abcd"}
+SOURCE = {"repo": "slmops/tiny-phi3", "commit": "0123abcd"}
 GENERATION = GenerationSpec(max_new_tokens=32)
 PROMPT_ONNX_FILE = Path(validation.__file__).parents[1] / "slmops" / "onnx_prompt_model.py"
 

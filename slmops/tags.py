@@ -1,0 +1,49 @@
+"""The MLflow tag names slmops writes and reads, and the tags of a registered version.
+
+One place for every name: a typo in a tag read by the promotion guard would silently let an
+unvalidated version through.
+"""
+
+from __future__ import annotations
+
+# On runs (and their LoggedModels).
+CANDIDATE = "slmops.candidate"  # pending -> true | false: whether a run's model may be registered
+KIND = "slmops.kind"  # the WrapperKind value
+FAILURE = "slmops.failure"  # why a run is not a candidate
+FLOW_RUN = "slmops.prefect.flow_run_id"  # the Prefect flow run that opened the run
+VALIDATION = "slmops.validation"  # passed | failed (and `.summary`)
+VALIDATION_SUMMARY = "slmops.validation.summary"
+PARITY = "slmops.parity"  # passed | failed
+SOURCE_PREFIX = "slmops.source."  # + repo, commit: where the weights came from
+
+# On registered model versions.
+SOURCE_REPO_ID = "slmops.source.repo_id"  # also on the registered model: its one source repo
+SOURCE_COMMIT = "slmops.source.commit"
+SOURCE_MODEL_URI = "slmops.source_model_uri"  # the logged model a version was registered from
+ONNX_OPTIONS = "slmops.onnx"
+VALIDATION_PASSED = "slmops.validation.passed"  # true | false: the promotion guard reads it
+AUDIT_PREFIX = "slmops.audit."  # + timestamp: one registry move each
+
+# MLflow caps tag values at 5000 characters (8000 on newer stores): summaries are cut to fit.
+MAX_VALUE_CHARS = 4000
+
+
+def version_tags(
+    repo_id: str, commit: str, onnx_options: str, passed: bool, summary: str
+) -> dict[str, str]:
+    """The tags a release puts on a newly registered version.
+
+    Args:
+        repo_id: the source repo of the weights.
+        commit: the commit they were fetched at.
+        onnx_options: the ONNX export options as JSON ("" for a transformers wrapper).
+        passed: the validation verdict (what promotion checks).
+        summary: the validation summary, cut to a tag value's length.
+    """
+    return {
+        SOURCE_REPO_ID: repo_id,
+        SOURCE_COMMIT: commit,
+        ONNX_OPTIONS: onnx_options,
+        VALIDATION_PASSED: str(passed).lower(),
+        VALIDATION_SUMMARY: summary[:MAX_VALUE_CHARS],
+    }
