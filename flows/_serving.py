@@ -49,7 +49,7 @@ def serve_champions(
         result = serve_model(
             f"models:/{name}@champion", name, kind, serve.host, serve.base_port, slot,
             settings.servers_dir, settings.tracking_uri, serve.startup_timeout_s,
-            PHI3.smoke_question, serve.memory_budget_gb,
+            PHI3.smoke_question, serve.memory_budget_gb, serve.request_timeout_s,
         )  # fmt: skip
         served[kind] = result
         publish_link(

@@ -146,6 +146,9 @@ class ServeSpec(Spec):
     # available memory): a blue/green switch that cannot fit stops the old server first.
     # None: only the machine's available memory limits it.
     memory_budget_gb: float | None = Field(default=None, gt=0)
+    # Longest a server works on one request before answering 504 (MLflow's default: 60 s, too
+    # short for Phi-3-mini in bf16 on a small CPU, see README "Releasing the real Phi-3-mini").
+    request_timeout_s: float = Field(default=60.0, gt=0)
 
 
 class ReleaseConfig(Spec):

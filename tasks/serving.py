@@ -28,6 +28,7 @@ import httpx
 import psutil
 from filelock import FileLock
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict
 
@@ -35,6 +36,7 @@ from slmops.config import WrapperKind
 from slmops.serving_memory import SwitchPlan, expected_server_bytes, plan_switch
 
 HUB_TOKEN_VARIABLES = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
+DEFAULT_REQUEST_TIMEOUT_S = 60.0  # MLflow's scoring server default
 
 
 class ProcessHandle(BaseModel):
@@ -60,6 +62,7 @@ class ServerHandle(ProcessHandle):
 
     kind: WrapperKind
     model_uri: str
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S  # the server's limit per request
 
 
 class ServerStatus(BaseModel):
@@ -162,6 +165,7 @@ def launch_server(
     servers_dir: Path,
     tracking_uri: str,
     startup_timeout_s: float,
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> ServerHandle:
     """Start `mlflow models serve` and wait until `/ping` answers; kill it if it never does."""
     servers_dir.mkdir(parents=True, exist_ok=True)
@@ -171,6 +175,9 @@ def launch_server(
         **{k: v for k, v in os.environ.items() if k not in HUB_TOKEN_VARIABLES},
         "MLFLOW_TRACKING_URI": tracking_uri,
         "MLFLOW_REGISTRY_URI": tracking_uri,
+        # Past it a request gets a 504: Phi-3-mini in bf16 on 2 cores needs ~55 s for a
+        # 32-token answer, so the default 60 s is too short for the real model.
+        "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(int(request_timeout_s)),
         # `mlflow models serve --env-manager local` execs uvicorn from PATH.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
@@ -186,6 +193,7 @@ def launch_server(
         name=name,
         kind=kind,
         model_uri=model_uri,
+        request_timeout_s=request_timeout_s,
         host=host,
         port=port,
         pid=pid,
@@ -276,7 +284,7 @@ def ask(handle: ServerHandle, question: str, max_tokens: int = 32, timeout: floa
     response = httpx.post(
         f"{handle.url}/invocations",
         json=sample_request(handle.kind, question, max_tokens),
-        timeout=timeout,
+        timeout=max(timeout, handle.request_timeout_s + 10.0),  # the server gives up first
     )
     if response.status_code != 200:
         raise ServingError(
@@ -424,10 +432,14 @@ def plan_server_switch(
 ) -> SwitchPlan:
     """Measure the running servers and size the new model: blue/green, stop-first or refuse."""
     running = running_servers_rss(servers_dir)
+    try:
+        files = model_files_bytes(model_uri, tracking_uri)
+    except MlflowException as error:  # before starting anything: the old server stays
+        raise ServingError(f"{name}: cannot serve {model_uri}: {error.message}") from error
     return plan_switch(
         running_bytes=sum(running.values()),
         replaced_bytes=running.get(name, 0),
-        new_bytes=expected_server_bytes(model_files_bytes(model_uri, tracking_uri)),
+        new_bytes=expected_server_bytes(files),
         available_bytes=int(psutil.virtual_memory().available),
         budget_bytes=int(budget_gb * 1e9) if budget_gb is not None else None,  # GB, as named
     )
@@ -512,6 +524,7 @@ def serve_model(
     startup_timeout_s: float,
     smoke_question: str,
     memory_budget_gb: float | None = None,
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> ServeResult:
     """Serve `model_uri` as `name`: reuse a healthy server of the same URI, else start, check, switch.
 
@@ -544,8 +557,9 @@ def serve_model(
         port = choose_port(host, base_port, slot, current.handle)
         try:
             handle = launch_server(
-                model_uri, name, kind, host, port, servers_dir, tracking_uri, startup_timeout_s
-            )
+                model_uri, name, kind, host, port, servers_dir, tracking_uri, startup_timeout_s,
+                request_timeout_s,
+            )  # fmt: skip
             try:
                 answer = check_server(handle, smoke_question)
             except Exception:
@@ -576,7 +590,7 @@ def _restart_replaced(
     try:
         restarted = launch_server(
             old.model_uri, old.name, old.kind, old.host, old.port, servers_dir, tracking_uri,
-            startup_timeout_s,
+            startup_timeout_s, old.request_timeout_s,
         )  # fmt: skip
     except ServingError:
         get_run_logger().exception("%s: could not restart %s", old.name, old.model_uri)
