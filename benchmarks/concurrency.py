@@ -32,7 +32,7 @@ from benchmarks.served import (
     serving_midsize,
     serving_release,
 )
-from slmops.tiny_model import chat_prompt
+from offline_kit.tiny_model import chat_prompt
 
 QUESTIONS = (
     "What is the capital of Spain?",

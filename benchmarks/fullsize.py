@@ -1,7 +1,7 @@
 """The full-size rehearsal: what releasing Phi-3-mini costs on this machine (issue 10).
 
 Runs the release flow with `deployments/phi3-mini.yaml`'s settings pointed at the Phi-3-mini
-twin (`slmops.twin_model`: the real config, random bf16 weights, 7.6 GB in two shards, and its
+twin (`offline_kit.twin_model`: the real config, random bf16 weights, 7.6 GB in two shards, and its
 int4 ONNX release) served by the loopback fake hub, as operators run it (a subprocess per flow,
 own SLMOPS_HOME and PREFECT_HOME), in four stages:
 
@@ -140,7 +140,7 @@ def _folder_bytes(folder: Path) -> int:
 
 def release_config(max_new_tokens: int, budget_gb: float | None) -> dict[str, Any]:
     """deployments/phi3-mini.yaml, pointed at the twin's repos, with the rehearsal's knobs."""
-    from slmops.twin_model import TWIN_ONNX_REPO_ID, TWIN_REPO_ID
+    from offline_kit.twin_model import TWIN_ONNX_REPO_ID, TWIN_REPO_ID
 
     config = yaml.safe_load((REPO_ROOT / "deployments" / "phi3-mini.yaml").read_text())["config"]
     config["hub"].update(repo_id=TWIN_REPO_ID, onnx_repo_id=TWIN_ONNX_REPO_ID)
@@ -193,7 +193,7 @@ def run_stage(sandbox: ReleaseSandbox, stage: Stage, hub_endpoint: str) -> dict[
 
 
 def _twin(layers: int, seed: int):
-    from slmops.twin_model import ensure_twin_repos
+    from offline_kit.twin_model import ensure_twin_repos
 
     return ensure_twin_repos(
         bench_cache() / "twin", tiny_model_dir(bench_cache()), num_layers=layers, seed=seed
@@ -201,7 +201,7 @@ def _twin(layers: int, seed: int):
 
 
 def main(argv: list[str] | None = None) -> PartResult:
-    from slmops.fake_hub import FakeHub
+    from offline_kit.fake_hub import FakeHub
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32, help="32 = full size; 1-2 for CI size")

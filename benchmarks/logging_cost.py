@@ -88,12 +88,12 @@ def child(kind: WrapperKind, size: str, root: Path) -> dict[str, Any]:
         hf_dir, onnx_dir, max_new_tokens = mid.hf_dir, mid.onnx_int4_dir, 32
     else:
         from benchmarks.midsize import bench_cache
+        from offline_kit.embedded import ensure_embedded_repos
         from slmops.config import (
             PHI3_ONNX_INT4_SUBFOLDER,
             TINY_PHI3_ONNX_REPO_ID,
             TINY_PHI3_REPO_ID,
         )
-        from slmops.embedded import ensure_embedded_repos
 
         repos = ensure_embedded_repos(bench_cache() / "embedded")
         hf_dir = repos[TINY_PHI3_REPO_ID]

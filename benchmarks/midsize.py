@@ -67,7 +67,7 @@ def bench_cache() -> Path:
 
 def tiny_model_dir(cache: Path) -> Path:
     """The embedded tiny Phi-3 (for its tokenizer), built once under `cache`."""
-    from slmops.tiny_model import ensure_tiny_phi3
+    from offline_kit.tiny_model import ensure_tiny_phi3
 
     return ensure_tiny_phi3(cache / "embedded")
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from benchmarks.midsize import ensure_midsize
 from benchmarks.recording import Metric, PartResult, check, median, write_results
-from slmops.tiny_model import chat_prompt
+from offline_kit.tiny_model import chat_prompt
 
 TARGET_SPEEDUP = 3.0
 PROMPT = chat_prompt("Write a short poem about the sea, then explain why it is blue.")

@@ -303,7 +303,7 @@ def _finished_lines(text: str) -> list[tuple[str, str, float | None]]:
 def prebuilt_embedded() -> Path:
     """The embedded repos built once into the bench cache (what the flow builds in ~20 s)."""
     from benchmarks.midsize import bench_cache
-    from slmops.embedded import ensure_embedded_repos
+    from offline_kit.embedded import ensure_embedded_repos
 
     folder = bench_cache() / "embedded"
     ensure_embedded_repos(folder)

@@ -37,8 +37,8 @@ from benchmarks.served import (
     serving_midsize,
     serving_release,
 )
+from offline_kit.tiny_model import chat_prompt
 from slmops.config import WrapperKind
-from slmops.tiny_model import chat_prompt
 
 TARGET_RATIO = 0.90
 QUESTIONS = (

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from prefect import get_run_logger
 
-from slmops.config import RegistrySpec, ServeSpec, Settings, WrapperKind
+from slmops.config import ModelServerSpec, RegistrySpec, ServeSpec, Settings, WrapperKind
 from slmops.families import PHI3
 from tasks.registry import champion_version
 from tasks.reporting import publish_link
@@ -37,7 +37,7 @@ def serve_champions(
     logger = get_run_logger()
     served: dict[WrapperKind, ServeResult] = {}
     wanted = set(serve.kinds if kinds is None else kinds)
-    for slot, kind in enumerate(serve.kinds):
+    for kind in serve.kinds:
         if kind not in wanted:
             continue
         name = registry.model_name(kind)
@@ -46,11 +46,10 @@ def serve_champions(
                 raise ServingError(f"{name} has no champion version to serve; run a release first")
             logger.warning("%s has no Production version: nothing to serve", name)
             continue
-        result = serve_model(
-            f"models:/{name}@champion", name, kind, serve.host, serve.base_port, slot,
-            settings.servers_dir, settings.tracking_uri, serve.startup_timeout_s,
-            PHI3.smoke_question, serve.memory_budget_gb, serve.request_timeout_s,
-        )  # fmt: skip
+        spec = ModelServerSpec.from_serve(
+            serve, f"models:/{name}@champion", name, kind, PHI3.smoke_question
+        )
+        result = serve_model(spec, settings.servers_dir, settings.tracking_uri)
         served[kind] = result
         publish_link(
             f"{name}-endpoint",

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from pydantic import BaseModel, ConfigDict
 
+from flows._hubs import connect_hub
 from flows._runtime import run_from_command_line, task_results_under
 from flows._serving import serve_champions
-from slmops.config import HubSpec, OnnxExportSpec, ReleaseConfig, Settings, WrapperKind
+from slmops.config import OnnxExportSpec, ReleaseConfig, Settings, WrapperKind
 from slmops.errors import ExplainedError
 from slmops.refs import LoggedModelRef, SnapshotRef
 from slmops.reports import (
@@ -39,18 +38,6 @@ EXPERIMENT = "slmops-release"
 
 class ReleaseValidationError(ExplainedError):
     """At least one wrapper failed validation; it was registered but not promoted."""
-
-
-@contextlib.contextmanager
-def hub_endpoint(hub: HubSpec, settings: Settings) -> Iterator[str | None]:
-    """The hub to download from: a loopback fake hub for the embedded model, else the real one."""
-    if hub.source == "embedded":
-        from slmops.fake_hub import serve_embedded
-
-        with serve_embedded(settings.embedded_cache_dir, progress=get_run_logger().info) as fake:
-            yield fake.endpoint
-    else:
-        yield settings.hf_endpoint
 
 
 def _release_run_name() -> str:
@@ -92,10 +79,10 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
 
 
 def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
-    with hub_endpoint(config.hub, settings) as endpoint:
-        snapshot = fetch_model_snapshot(config.hub, settings, endpoint)
+    with connect_hub(config.hub, settings) as hub:
+        snapshot = fetch_model_snapshot(config.hub, hub)
         if config.onnx.source == "hub":
-            onnx_dir = fetch_onnx_release(config.hub, settings, endpoint)
+            onnx_dir = fetch_onnx_release(config.hub, hub)
         else:
             onnx_dir = export_onnx(snapshot.path, config.onnx, settings.cache_dir / "onnx")
     logged = log_wrappers(config, settings, snapshot, onnx_dir)
@@ -193,17 +180,17 @@ def release_wrapper(
 ) -> WrapperStep:
     """Validate one logged wrapper, register it, and promote it if it passed."""
     kind = ref.kind
-    name = config.registry.model_name(kind)
     if config.serve.enabled:
         # Validation loads the new version beside the running servers: memory-safe order.
         make_room_for_model(
-            ref.model_uri, name, settings.servers_dir, settings.tracking_uri,
-            config.serve.memory_budget_gb,
+            ref.model_uri, config.registry.model_name(kind), settings.servers_dir,
+            settings.tracking_uri, config.serve.memory_budget_gb,
         )  # fmt: skip
     report = validate_model(
-        settings.tracking_uri, ref, known_answers=config.hub.source == "embedded",
+        settings.tracking_uri, ref, known_answers=config.validation.reference_answers,
         parity=parity if kind is not WrapperKind.CHAT_TRANSFORMERS else None,
     )  # fmt: skip
+    name = config.registry.model_name(kind)
     onnx_options = (
         config.onnx.model_dump_json() if kind is not WrapperKind.CHAT_TRANSFORMERS else ""
     )

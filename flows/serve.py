@@ -9,16 +9,10 @@ from prefect import flow, get_run_logger
 from flows._runtime import run_from_command_line
 from flows._serving import serve_champions
 from slmops.config import RegistrySpec, ServeFlowConfig, Settings
+from slmops.servers import FRONT_DOOR
 from tasks.release_records import settle_killed_releases
 from tasks.reporting import publish_table
-from tasks.serving import (
-    describe,
-    front_door_status,
-    served_names,
-    status_of,
-    stop_front_door,
-    stop_model_server,
-)
+from tasks.serving import describe, served_names, status_of, stop_server
 
 
 @flow(name="serve", flow_run_name="serve-{config.action}")
@@ -36,28 +30,17 @@ def serve(config: ServeFlowConfig = ServeFlowConfig()) -> list[dict]:
     settle_killed_releases(settings.home)
     if config.action == "start":
         serve_champions(config.serve, config.registry, settings, require_champion=True)
+    act = stop_server if config.action == "stop" else status_of
     rows = []
-    for kind in config.serve.kinds:
-        name = config.registry.model_name(kind)
-        if config.action == "stop":
-            status = stop_model_server(settings.servers_dir, name)
-        else:
-            status = status_of(settings.servers_dir, name)
+    # The configured models first, then servers of kinds this run was not asked about (started
+    # with another `serve.kinds`): `stop` means every server. The front door last.
+    names = [config.registry.model_name(kind) for kind in config.serve.kinds]
+    names += sorted(set(served_names(settings.servers_dir)) - set(names))
+    for name in names:
+        status = act(settings.servers_dir, name)
         rows.append(describe(status))
         logger.info("%s: %s %s", name, status.state, rows[-1]["url"])
-    # Servers of kinds this run was not asked about (started with another `serve.kinds`) are
-    # still stopped and reported: `stop` means every server.
-    for name in set(served_names(settings.servers_dir)) - {r["name"] for r in rows}:
-        status = (
-            stop_model_server(settings.servers_dir, name)
-            if config.action == "stop"
-            else status_of(settings.servers_dir, name)
-        )
-        rows.append(describe(status))
-    if config.action == "stop":
-        door = stop_front_door(settings.servers_dir)
-    else:
-        door = front_door_status(settings.servers_dir)
+    door = act(settings.servers_dir, FRONT_DOOR)
     if config.serve.front_door or door.handle is not None:
         rows.append(describe(door))
         logger.info("front door: %s %s", door.state, door.detail)
@@ -76,7 +59,8 @@ if __name__ == "__main__":
         "--name-prefix", default=RegistrySpec().name_prefix, help="registry.name_prefix"
     )
     args = parser.parse_args()
-    config = ServeFlowConfig(
-        action=args.action, registry=RegistrySpec(name_prefix=args.name_prefix)
+    # Validated like a deployment's parameters (argparse gives the action as a plain str).
+    config = ServeFlowConfig.model_validate(
+        {"action": args.action, "registry": {"name_prefix": args.name_prefix}}
     )
     print(json.dumps(run_from_command_line(lambda: serve(config)), indent=2))

@@ -75,6 +75,15 @@ class HubSpec(Spec):
             raise ValueError(f"repo id must look like 'owner/name', got {value!r}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _hub_defaults_to_phi3(cls, data: Any) -> Any:
+        # The defaults are the embedded repos; `source: hub` without repo ids means the real
+        # Phi-3-mini, not repos that exist only embedded.
+        if isinstance(data, dict) and data.get("source") == "hub":
+            data = {"repo_id": PHI3_REPO_ID, "onnx_repo_id": PHI3_ONNX_REPO_ID, **data}
+        return data
+
     @model_validator(mode="after")
     def _embedded_repos_only(self) -> HubSpec:
         # The loopback fake hub serves the embedded repos and nothing else.
@@ -128,6 +137,14 @@ class RegistrySpec(Spec):
         return f"{self.name_prefix}-{kind.value}"
 
 
+class ValidationSpec(Spec):
+    """What validation demands beyond structure (signature, serving example, output suite)."""
+
+    # The answers the family's validation prompts must get (slmops.families): true for a model
+    # that learned them (the embedded tiny Phi-3), false for a real model.
+    reference_answers: bool = True
+
+
 class ServeSpec(Spec):
     """Which Production models are served, and where."""
 
@@ -151,12 +168,41 @@ class ServeSpec(Spec):
     request_timeout_s: float = Field(default=60.0, gt=0)
 
 
+class ModelServerSpec(Spec):
+    """One model server to run: which model, under which name, where, and within what limits."""
+
+    model_uri: str  # e.g. models:/name@champion, resolved under the serving lock
+    name: str  # the registered model name; also the server's state-file name
+    kind: WrapperKind
+    smoke_question: str  # a new server must answer it before it takes over
+    host: str = "127.0.0.1"
+    base_port: int | None = Field(default=None, ge=1024, le=65535)
+    slot: int = Field(default=0, ge=0)  # the blue/green port pair base_port + 2*slot + {0, 1}
+    startup_timeout_s: float = Field(default=180.0, gt=0)
+    request_timeout_s: float = Field(default=60.0, gt=0)
+    memory_budget_gb: float | None = Field(default=None, gt=0)
+
+    @classmethod
+    def from_serve(
+        cls, serve: ServeSpec, model_uri: str, name: str, kind: WrapperKind, smoke_question: str
+    ) -> ModelServerSpec:
+        """The server of `kind` as `serve` places it (its slot is the kind's place in
+        `serve.kinds`)."""
+        return cls(
+            model_uri=model_uri, name=name, kind=kind, smoke_question=smoke_question,
+            host=serve.host, base_port=serve.base_port, slot=serve.kinds.index(kind),
+            startup_timeout_s=serve.startup_timeout_s, request_timeout_s=serve.request_timeout_s,
+            memory_budget_gb=serve.memory_budget_gb,
+        )  # fmt: skip
+
+
 class ReleaseConfig(Spec):
     """Parameters of the release flow (rendered as the Prefect UI form)."""
 
     hub: HubSpec = HubSpec()
     onnx: OnnxExportSpec = OnnxExportSpec()
     generation: GenerationSpec = GenerationSpec()
+    validation: ValidationSpec = ValidationSpec()
     registry: RegistrySpec = RegistrySpec()
     serve: ServeSpec = ServeSpec()
     promote: bool = True

@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slmops.config import WrapperKind
+from slmops.servers import ServerHandle, model_servers
 
 CHAT_KINDS = frozenset({WrapperKind.CHAT_TRANSFORMERS, WrapperKind.CHAT_ONNX})
 # Accepted but not forwarded: it does not change what the model generates.
@@ -41,20 +42,8 @@ IGNORED_FIELDS = frozenset({"user"})
 UPSTREAM_TIMEOUT_S = 300.0
 
 
-class Backend(BaseModel):
-    """The part of a server state file (`tasks.serving.ServerHandle`) the front door needs."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    name: str
-    kind: WrapperKind
-    host: str
-    port: int
-    started_at: str = ""
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+# A chat model's server, as its state file (`slmops.servers`) names it.
+Backend = ServerHandle
 
 
 class TextPart(BaseModel):
@@ -129,15 +118,11 @@ def invalid_request(message: str, code: str = "invalid_request") -> FrontDoorErr
 
 def served_chat_models(servers_dir: Path) -> dict[str, Backend]:
     """Registered name -> current server, for every chat model with a state file."""
-    backends = {}
-    for path in sorted(servers_dir.glob("*.json")):
-        try:
-            backend = Backend.model_validate_json(path.read_text())
-        except (OSError, ValidationError):
-            continue  # not a model server's state (the front door's own), or mid-removal
-        if backend.kind in CHAT_KINDS:
-            backends[backend.name] = backend
-    return backends
+    return {
+        name: handle
+        for name, handle in model_servers(servers_dir).items()
+        if handle.kind in CHAT_KINDS
+    }
 
 
 def resolve_model(servers_dir: Path, model: str) -> Backend:
@@ -145,7 +130,7 @@ def resolve_model(servers_dir: Path, model: str) -> Backend:
     backends = served_chat_models(servers_dir)
     if model in backends:
         return backends[model]
-    by_kind = [b for b in backends.values() if b.kind.value == model]
+    by_kind = [b for b in backends.values() if b.model_kind.value == model]
     if len(by_kind) == 1:
         return by_kind[0]
     served = ", ".join(sorted(backends)) or "none"

@@ -1,7 +1,7 @@
 """Hugging Face hub tasks: resolve a revision to its commit, fetch a verified snapshot of it.
 
 Downloads go through the real `huggingface_hub` client, against huggingface.co, a mirror, or the
-loopback `slmops.fake_hub`; every fetched file is then checked against the hub's checksums.
+loopback `offline_kit.fake_hub`; every fetched file is then checked against the hub's checksums.
 Retries cover transient failures only (5xx, timeouts, dropped connections, checksum mismatches);
 a gated, missing or unauthorised repo fails at once, saying what to do. The token is a
 `SecretStr`: it is unwrapped only at the client call, takes no part in cache keys, and never
@@ -10,10 +10,12 @@ reaches a result or a log.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ from prefect.context import TaskRunContext
 from prefect.exceptions import MissingContextError
 from prefect.tasks import exponential_backoff
 from prefect.utilities.hashing import hash_objects
-from pydantic import SecretStr
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 from slmops.config import HubSpec, Settings
 from slmops.errors import ExplainedError, TransientError
@@ -216,14 +218,14 @@ def fetch_snapshot(
         token: read token for gated or private repos (None: send none).
         revision: the revision `commit` was resolved from, recorded in the result.
         timeout_s: read timeout of each request. huggingface_hub 2.4 takes the file-download
-            timeout from a module constant only, so this sets it process-wide.
+            timeout from a module constant only: it is set for the download and restored
+            after (`_download_timeout`).
     """
     if not COMMIT_RE.fullmatch(commit):
         raise ValueError(f"commit must be 40 hex characters (see resolve_revision), got {commit!r}")
     logger = _logger()
     patterns = _patterns(allow_patterns)
     secret = _secret(token)
-    hf_constants.HF_HUB_DOWNLOAD_TIMEOUT = timeout_s  # type: ignore[assignment]  # any float works
     try:
         info = HfApi(endpoint=endpoint).model_info(
             repo_id, revision=commit, files_metadata=True, token=secret, timeout=timeout_s
@@ -243,17 +245,18 @@ def fetch_snapshot(
             commit[:12],
             _hub(endpoint),
         )
-        folder = Path(
-            snapshot_download(
-                repo_id,
-                revision=commit,
-                allow_patterns=patterns,
-                cache_dir=cache_dir,
-                endpoint=endpoint,
-                token=secret,
-                etag_timeout=timeout_s,
+        with _download_timeout(timeout_s):
+            folder = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=commit,
+                    allow_patterns=patterns,
+                    cache_dir=cache_dir,
+                    endpoint=endpoint,
+                    token=secret,
+                    etag_timeout=timeout_s,
+                )
             )
-        )
     except HfHubHTTPError as error:
         _raise_if_refused(error, repo_id, revision or commit, endpoint, token)
         raise
@@ -270,6 +273,23 @@ def fetch_snapshot(
         path=folder,
         files=tuple(sorted(s.rfilename for s in expected)),
     )
+
+
+# Downloads in one process share huggingface_hub's module constant: one at a time changes it.
+_DOWNLOAD_TIMEOUT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _download_timeout(timeout_s: float) -> Iterator[None]:
+    """huggingface_hub's file-download timeout set to `timeout_s` for one block, then restored
+    (2.4 reads it from a module constant, with no per-call argument)."""
+    with _DOWNLOAD_TIMEOUT_LOCK:
+        previous = hf_constants.HF_HUB_DOWNLOAD_TIMEOUT
+        hf_constants.HF_HUB_DOWNLOAD_TIMEOUT = timeout_s  # type: ignore[assignment]  # a float works
+        try:
+            yield
+        finally:
+            hf_constants.HF_HUB_DOWNLOAD_TIMEOUT = previous
 
 
 def verify_snapshot(folder: Path, expected: Sequence[RepoSibling]) -> None:
@@ -341,33 +361,39 @@ def fetch_repo(
     )
 
 
+class HubConnection(BaseModel):
+    """Where a release downloads from, and with which token (see flows._hubs for the choice)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    endpoint: str | None  # None: huggingface.co
+    token: SecretStr | None = None
+    cache_dir: Path  # the Hugging Face cache to download into
+
+
 def hf_cache_dir(settings: Settings) -> Path:
     """The Hugging Face cache folder the pipeline downloads into."""
     return settings.cache_dir / "huggingface"
 
 
-def fetch_model_snapshot(
-    spec: HubSpec, settings: Settings, endpoint: str | None = None
-) -> SnapshotRef:
+def fetch_model_snapshot(spec: HubSpec, hub: HubConnection) -> SnapshotRef:
     """The model files `spec` names (`repo_id@revision`, `allow_patterns`), verified.
 
     Args:
         spec: which repo, revision and files.
-        settings: the cache folder and, for `spec.source == "hub"`, the token.
-        endpoint: the hub to download from: the fake hub's endpoint for the embedded model
-            (`slmops.fake_hub.serve_embedded`), else `settings.hf_endpoint`.
+        hub: where to download from, with which token, into which cache.
     """
     return fetch_repo(
         spec.repo_id,
         spec.revision,
         spec.allow_patterns,
-        hf_cache_dir(settings),
-        endpoint=endpoint,
-        token=_token_for(spec, settings),
+        hub.cache_dir,
+        endpoint=hub.endpoint,
+        token=hub.token,
     )
 
 
-def fetch_onnx_release(spec: HubSpec, settings: Settings, endpoint: str | None = None) -> Path:
+def fetch_onnx_release(spec: HubSpec, hub: HubConnection) -> Path:
     """The hub's ONNX release of the model: its `spec.onnx_subfolder` folder, verified.
 
     The ONNX repo has its own history, so it is pinned by `spec.onnx_revision`, not by the
@@ -378,16 +404,11 @@ def fetch_onnx_release(spec: HubSpec, settings: Settings, endpoint: str | None =
         spec.onnx_repo_id,
         spec.onnx_revision,
         (f"{subfolder}/*",),
-        hf_cache_dir(settings),
-        endpoint=endpoint,
-        token=_token_for(spec, settings),
+        hub.cache_dir,
+        endpoint=hub.endpoint,
+        token=hub.token,
     )
     return ref.path / subfolder
-
-
-def _token_for(spec: HubSpec, settings: Settings) -> SecretStr | None:
-    # The embedded model comes from a loopback fake hub: a real token has no business there.
-    return settings.hf_token if spec.source == "hub" else None
 
 
 def _secret(token: SecretStr | None) -> str | bool:

@@ -71,7 +71,10 @@ def read_state(client: MlflowClient, name: str) -> RegistryState:
     versions = client.search_model_versions(f"name='{name}'")
     stages = {int(v.version): (v.current_stage or "None") for v in versions}
     aliases = client.get_registered_model(name).aliases or {}
-    return RegistryState(stages=stages, aliases={a: int(v) for a, v in aliases.items()})
+    # Validated: a stage MLflow does not document is an error here, not a silent new state.
+    return RegistryState.model_validate(
+        {"stages": stages, "aliases": {a: int(v) for a, v in aliases.items()}}
+    )
 
 
 def _flow_run_name() -> str | None:
@@ -91,6 +94,8 @@ def _apply(client: MlflowClient, name: str, move: RegistryMove, reason: str) -> 
             client.transition_model_version_stage(
                 name, str(move.version), move.stage, archive_existing_versions=move.archive_existing
             )
+        elif move.alias is None:
+            raise ValueError(f"an alias move names no alias: {move}")
         elif move.kind == "set_alias":
             client.set_registered_model_alias(name, move.alias, str(move.version))
         else:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import psutil
@@ -32,71 +32,27 @@ from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict
 
-from slmops.config import WrapperKind
+from slmops.config import ModelServerSpec, WrapperKind
+from slmops.servers import (
+    DEFAULT_REQUEST_TIMEOUT_S,
+    FRONT_DOOR,
+    ServerHandle,
+    ServerStatus,
+    ServingError,
+    answer_text,
+    model_servers,
+    read_handle,
+    sample_request,
+    server_names,
+    state_path,
+    write_handle,
+)
 from slmops.serving_memory import SwitchPlan, expected_server_bytes, plan_switch
 
 HUB_TOKEN_VARIABLES = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
-DEFAULT_REQUEST_TIMEOUT_S = 60.0  # MLflow's scoring server default
 
 
-class ProcessHandle(BaseModel):
-    """A managed server process: enough to find, call and stop it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    host: str
-    port: int
-    pid: int
-    process_started: float  # with the pid, tells our process from a later one reusing the pid
-    log_path: Path
-    started_at: str
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-
-class ServerHandle(ProcessHandle):
-    """A running `mlflow models serve` of one registered model version."""
-
-    kind: WrapperKind
-    model_uri: str
-    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S  # the server's limit per request
-
-
-class ServerStatus(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    state: Literal["serving", "unhealthy", "dead", "absent"]
-    handle: ServerHandle | None = None
-    detail: str = ""
-
-
-class ServingError(RuntimeError):
-    """A server did not start, did not become healthy, or answered wrongly."""
-
-
-def state_path(servers_dir: Path, name: str) -> Path:
-    return servers_dir / f"{name}.json"
-
-
-def read_handle(servers_dir: Path, name: str) -> ServerHandle | None:
-    path = state_path(servers_dir, name)
-    if not path.exists():
-        return None
-    return ServerHandle.model_validate_json(path.read_text())
-
-
-def _write_handle(servers_dir: Path, handle: ProcessHandle) -> None:
-    path = state_path(servers_dir, handle.name)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(handle.model_dump_json(indent=2))
-    tmp.replace(path)  # atomic: readers see the old or the new server, never half a file
-
-
-def is_running(handle: ProcessHandle) -> bool:
+def is_running(handle: ServerHandle) -> bool:
     return _is_ours(handle.pid, handle.process_started)
 
 
@@ -234,7 +190,7 @@ def _spawn_until_healthy(
     )
 
 
-def terminate(handle: ProcessHandle, grace_s: float = 10.0) -> None:
+def terminate(handle: ServerHandle, grace_s: float = 10.0) -> None:
     """Stop the server's whole process group (uvicorn workers included)."""
     _stop_process_group(handle.pid, handle.process_started, grace_s)
 
@@ -257,40 +213,18 @@ def _stop_process_group(pid: int, process_started: float, grace_s: float = 10.0)
         psutil.wait_procs(alive, timeout=grace_s)
 
 
-def sample_request(kind: WrapperKind, question: str, max_tokens: int) -> dict[str, Any]:
-    """The `/invocations` body of one question for a served model of `kind`."""
-    if kind is WrapperKind.PROMPT_ONNX:
-        prompt = f"<|user|>\n{question}<|end|>\n<|assistant|>\n"
-        return {"dataframe_records": [{"prompt": prompt}]}
-    return {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens}
-
-
-def answer_text(kind: WrapperKind, body: Any) -> str:
-    """The generated text in an `/invocations` response of a model of `kind`."""
-    predictions = body.get("predictions", body) if isinstance(body, dict) else body
-    first = predictions[0] if isinstance(predictions, list) else predictions
-    if kind is WrapperKind.PROMPT_ONNX:
-        if not isinstance(first, str):
-            raise ServingError(f"expected a string prediction, got {first!r}")
-        return first
-    try:
-        return str(first["choices"][0]["message"]["content"])
-    except (KeyError, IndexError, TypeError) as exc:
-        raise ServingError(f"not a chat completion: {first!r}") from exc
-
-
 def ask(handle: ServerHandle, question: str, max_tokens: int = 32, timeout: float = 120.0) -> str:
     """Send one question over HTTP and return the answer text."""
     response = httpx.post(
         f"{handle.url}/invocations",
-        json=sample_request(handle.kind, question, max_tokens),
+        json=sample_request(handle.model_kind, question, max_tokens),
         timeout=max(timeout, handle.request_timeout_s + 10.0),  # the server gives up first
     )
     if response.status_code != 200:
         raise ServingError(
             f"{handle.url}/invocations answered {response.status_code}: {response.text[:500]}"
         )
-    return answer_text(handle.kind, response.json())
+    return answer_text(handle.model_kind, response.json())
 
 
 def check_server(
@@ -313,6 +247,7 @@ def check_server(
 
 
 def status_of(servers_dir: Path, name: str) -> ServerStatus:
+    """What `name`'s state file and its process say now (a model server or the front door)."""
     handle = read_handle(servers_dir, name)
     if handle is None:
         return ServerStatus(name=name, state="absent")
@@ -320,9 +255,24 @@ def status_of(servers_dir: Path, name: str) -> ServerStatus:
         return ServerStatus(
             name=name, state="dead", handle=handle, detail=_log_tail(handle.log_path, 5)
         )
+    if handle.is_front_door:
+        return _front_door_status(handle)
     if not healthy(handle.url):
         return ServerStatus(name=name, state="unhealthy", handle=handle)
     return ServerStatus(name=name, state="serving", handle=handle)
+
+
+def _front_door_status(handle: ServerHandle) -> ServerStatus:
+    # Its /health names the chat models it fronts: the detail operators want to see.
+    try:
+        response = httpx.get(handle.health_url, timeout=2.0)
+        models = response.json()["models"] if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        models = None
+    if models is None:
+        return ServerStatus(name=handle.name, state="unhealthy", handle=handle)
+    detail = f"{handle.openai_base_url}: {', '.join(models) or 'no chat model served'}"
+    return ServerStatus(name=handle.name, state="serving", handle=handle, detail=detail)
 
 
 @contextlib.contextmanager
@@ -372,7 +322,7 @@ def local_model_folder(model_uri: str, tracking_uri: str) -> Path:
             name, version = ref.rsplit("/", 1)
             found = client.get_model_version(name, version)
             ref = _version_model_id(found) or ""
-            location = found.source
+            location = str(found.source)
         if ref.startswith("m-"):
             # The LoggedModel's own location: `models:/m-...` would be copied to a temp folder.
             location = client.get_logged_model(ref).artifact_location
@@ -417,12 +367,9 @@ def process_tree_rss(pid: int) -> int:
 def running_servers_rss(servers_dir: Path) -> dict[str, int]:
     """name -> measured RSS of every running managed server (model servers and front door)."""
     rss = {}
-    for name in [*served_names(servers_dir), FRONT_DOOR]:
-        path = state_path(servers_dir, name)
-        if not path.exists():
-            continue
-        handle = ProcessHandle.model_validate_json(path.read_text())
-        if is_running(handle):
+    for name in server_names(servers_dir):
+        handle = read_handle(servers_dir, name)
+        if handle is not None and is_running(handle):
             rss[name] = process_tree_rss(handle.pid)
     return rss
 
@@ -507,45 +454,41 @@ def make_room_for_model(
     logger.warning(
         "%s: to validate %s, %s", name, model_uri, plan.describe().replace("new one", "new version")
     )
-    stopped = stop_model_server(servers_dir, name)
+    stopped = stop_server(servers_dir, name)
     return RoomReport(plan=plan, stopped=stopped.handle)
 
 
-@task(retries=1, retry_delay_seconds=5, task_run_name="serve-{name}")
-def serve_model(
-    model_uri: str,
-    name: str,
-    kind: WrapperKind,
-    host: str,
-    base_port: int | None,
-    slot: int,
-    servers_dir: Path,
-    tracking_uri: str,
-    startup_timeout_s: float,
-    smoke_question: str,
-    memory_budget_gb: float | None = None,
-    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-) -> ServeResult:
-    """Serve `model_uri` as `name`: reuse a healthy server of the same URI, else start, check, switch.
+@task(retries=1, retry_delay_seconds=5, task_run_name="serve-{spec.name}")
+def serve_model(spec: ModelServerSpec, servers_dir: Path, tracking_uri: str) -> ServeResult:
+    """Serve `spec.model_uri` as `spec.name`: reuse a healthy server of the same URI, else
+    start, check, switch.
 
     Before starting, the running servers' measured RSS plus the new model's expected size is
-    checked against `memory_budget_gb` and the available memory (`slmops.serving_memory`): if
-    both servers cannot be up at once, the old one is stopped first (reported as a gap in
-    service); if even that cannot fit, nothing is started and the old server keeps serving.
+    checked against `spec.memory_budget_gb` and the available memory
+    (`slmops.serving_memory`): if both servers cannot be up at once, the old one is stopped
+    first (reported as a gap in service); if even that cannot fit, nothing is started and the
+    old server keeps serving.
+
+    Args:
+        spec: the model, its name and kind, where it is served and within what limits.
+        servers_dir: where the servers' state files and logs live.
+        tracking_uri: the store the model is loaded from.
     """
     logger = get_run_logger()
+    name, kind, smoke_question = spec.name, spec.kind, spec.smoke_question
+    host, startup_timeout_s = spec.host, spec.startup_timeout_s
     # Two runs serving `name` at once would both replace the same old server and one new server
     # would be left running, in no state file; the second run waits and then replaces the first.
     with serving_lock(servers_dir, name):
         # An alias (`models:/name@champion`) is resolved only now, so the run that serves last
         # serves the alias's version as of then, whichever run moved the alias last.
-        model_uri = resolve_alias(model_uri, tracking_uri)
+        model_uri = resolve_alias(spec.model_uri, tracking_uri)
         current = status_of(servers_dir, name)
         if current.state == "serving" and current.handle and current.handle.model_uri == model_uri:
             answer = check_server(current.handle, smoke_question)
             logger.info("%s already serves %s on %s", name, model_uri, current.handle.url)
             return ServeResult(handle=current.handle, answer=answer, reused=True)
-        plan = plan_server_switch(servers_dir, name, model_uri, tracking_uri, memory_budget_gb)
+        plan = plan_server_switch(servers_dir, name, model_uri, tracking_uri, spec.memory_budget_gb)
         if plan.order == "refuse":
             raise ServingError(f"{name}: {plan.describe()}")
         old_running = current.handle is not None and is_running(current.handle)
@@ -554,11 +497,11 @@ def serve_model(
             terminate(current.handle)
         else:
             logger.info("%s: %s", name, plan.describe())
-        port = choose_port(host, base_port, slot, current.handle)
+        port = choose_port(host, spec.base_port, spec.slot, current.handle)
         try:
             handle = launch_server(
                 model_uri, name, kind, host, port, servers_dir, tracking_uri, startup_timeout_s,
-                request_timeout_s,
+                spec.request_timeout_s,
             )  # fmt: skip
             try:
                 answer = check_server(handle, smoke_question)
@@ -569,7 +512,7 @@ def serve_model(
             if plan.order == "stop-first" and current.handle is not None and old_running:
                 _restart_replaced(current.handle, servers_dir, tracking_uri, startup_timeout_s)
             raise
-        _write_handle(servers_dir, handle)
+        write_handle(servers_dir, handle)
         if current.handle is not None:
             terminate(current.handle)
     logger.info(
@@ -589,148 +532,89 @@ def _restart_replaced(
     """Best effort after a failed stop-first switch: serve the old version again."""
     try:
         restarted = launch_server(
-            old.model_uri, old.name, old.kind, old.host, old.port, servers_dir, tracking_uri,
-            startup_timeout_s, old.request_timeout_s,
+            old.model_uri, old.name, old.model_kind, old.host, old.port, servers_dir,
+            tracking_uri, startup_timeout_s, old.request_timeout_s,
         )  # fmt: skip
     except ServingError:
         get_run_logger().exception("%s: could not restart %s", old.name, old.model_uri)
         return
-    _write_handle(servers_dir, restarted)
+    write_handle(servers_dir, restarted)
 
 
 def served_names(servers_dir: Path) -> list[str]:
     """Names of every model server with a state file (whatever kinds a flow was asked about)."""
-    if not servers_dir.exists():
-        return []
-    return sorted(p.stem for p in servers_dir.glob("*.json") if p.stem != FRONT_DOOR)
+    return sorted(model_servers(servers_dir))
 
 
-def stop_model_server(servers_dir: Path, name: str) -> ServerStatus:
-    """Stop the server of `name` and forget it."""
-    handle = read_handle(servers_dir, name)
-    if handle is None:
-        return ServerStatus(name=name, state="absent")
-    terminate(handle)
-    state_path(servers_dir, name).unlink(missing_ok=True)
+def stop_server(servers_dir: Path, name: str) -> ServerStatus:
+    """Stop the server of `name` (a model server or the front door) and forget it."""
+    with serving_lock(servers_dir, name):
+        handle = read_handle(servers_dir, name)
+        if handle is None:
+            return ServerStatus(name=name, state="absent")
+        terminate(handle)
+        state_path(servers_dir, name).unlink(missing_ok=True)
     return ServerStatus(name=name, state="absent", handle=handle, detail="stopped")
 
 
-def describe(status: ServerStatus | FrontDoorStatus) -> dict[str, Any]:
+def describe(status: ServerStatus) -> dict[str, Any]:
     """A flat, JSON-friendly row for tables and CLI output (model servers and the front door)."""
-    handle = status.handle
-    return {
-        "name": status.name,
-        "state": status.state,
-        "url": handle.url if handle else "",
-        "model_uri": getattr(handle, "model_uri", ""),
-        "pid": handle.pid if handle else None,
-        "detail": status.detail,
-    }
+    return status.row()
 
 
 # The OpenAI-compatible front door (`slmops.front_door`): one process in front of every served
 # chat model, with its own state file. It reads the models' state files per request, so it
 # outlives blue/green switches and keeps one address.
 
-FRONT_DOOR = "front-door"
-
-
-class FrontDoorHandle(ProcessHandle):
-    """The running front door."""
-
-    name: str = FRONT_DOOR
-
-    @property
-    def openai_base_url(self) -> str:
-        return f"{self.url}/v1"
-
-
-class FrontDoorStatus(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    name: str = FRONT_DOOR
-    state: Literal["serving", "unhealthy", "dead", "absent"]
-    handle: FrontDoorHandle | None = None
-    detail: str = ""
-
-
-def read_front_door(servers_dir: Path) -> FrontDoorHandle | None:
-    path = state_path(servers_dir, FRONT_DOOR)
-    if not path.exists():
-        return None
-    return FrontDoorHandle.model_validate_json(path.read_text())
-
-
-def front_door_status(servers_dir: Path) -> FrontDoorStatus:
-    handle = read_front_door(servers_dir)
-    if handle is None:
-        return FrontDoorStatus(state="absent")
-    if not is_running(handle):
-        return FrontDoorStatus(state="dead", handle=handle, detail=_log_tail(handle.log_path, 5))
-    try:
-        response = httpx.get(f"{handle.url}/health", timeout=2.0)
-        models = response.json()["models"] if response.status_code == 200 else None
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
-        models = None
-    if models is None:
-        return FrontDoorStatus(state="unhealthy", handle=handle)
-    detail = f"{handle.openai_base_url}: {', '.join(models) or 'no chat model served'}"
-    return FrontDoorStatus(state="serving", handle=handle, detail=detail)
-
 
 @task(retries=1, retry_delay_seconds=5, task_run_name="serve-front-door")
 def serve_front_door(
     servers_dir: Path, host: str, port: int | None, startup_timeout_s: float
-) -> FrontDoorHandle:
+) -> ServerHandle:
     """Run the OpenAI-compatible front door over the chat models in `servers_dir`.
 
     A healthy front door on the same host (and port, when one is given) is reused. Otherwise it
     is (re)started, on its previous port when `port` is None and that port is free, so clients
-    keep one address across restarts.
+    keep one address across restarts. Under the same lock as model servers: two runs never
+    start two front doors.
     """
     logger = get_run_logger()
-    current = front_door_status(servers_dir)
-    if (
-        current.state == "serving"
-        and current.handle is not None
-        and current.handle.host == host
-        and port in (None, current.handle.port)
-    ):
-        logger.info("front door already serving %s", current.detail)
-        return current.handle
-    if current.handle is not None:
-        terminate(current.handle)
-    if port is None:
-        previous = current.handle.port if current.handle and current.handle.host == host else None
-        port = previous if previous and _port_is_free(host, previous) else _free_port(host)
-    servers_dir.mkdir(parents=True, exist_ok=True)
-    log_path = servers_dir / f"{FRONT_DOOR}-{port}.log"
-    cmd = [
-        sys.executable, "-m", "slmops.front_door",
-        "--servers-dir", str(servers_dir.resolve()), "--host", host, "--port", str(port),
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in HUB_TOKEN_VARIABLES}  # not needed
-    pid, process_started = _spawn_until_healthy(
-        cmd, env, log_path, f"http://{host}:{port}/health", startup_timeout_s, "the front door"
-    )
-    handle = FrontDoorHandle(
-        host=host,
-        port=port,
-        pid=pid,
-        process_started=process_started,
-        log_path=log_path,
-        started_at=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
-    _write_handle(servers_dir, handle)
-    logger.info("front door serving %s", front_door_status(servers_dir).detail)
+    with serving_lock(servers_dir, FRONT_DOOR):
+        current = status_of(servers_dir, FRONT_DOOR)
+        if (
+            current.state == "serving"
+            and current.handle is not None
+            and current.handle.host == host
+            and port in (None, current.handle.port)
+        ):
+            logger.info("front door already serving %s", current.detail)
+            return current.handle
+        if current.handle is not None:
+            terminate(current.handle)
+        if port is None:
+            previous = (
+                current.handle.port if current.handle and current.handle.host == host else None
+            )
+            port = previous if previous and _port_is_free(host, previous) else _free_port(host)
+        servers_dir.mkdir(parents=True, exist_ok=True)
+        log_path = servers_dir / f"{FRONT_DOOR}-{port}.log"
+        cmd = [
+            sys.executable, "-m", "slmops.front_door",
+            "--servers-dir", str(servers_dir.resolve()), "--host", host, "--port", str(port),
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k not in HUB_TOKEN_VARIABLES}
+        pid, process_started = _spawn_until_healthy(
+            cmd, env, log_path, f"http://{host}:{port}/health", startup_timeout_s, "the front door"
+        )
+        handle = ServerHandle(
+            name=FRONT_DOOR,
+            host=host,
+            port=port,
+            pid=pid,
+            process_started=process_started,
+            log_path=log_path,
+            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        write_handle(servers_dir, handle)
+    logger.info("front door serving %s", status_of(servers_dir, FRONT_DOOR).detail)
     return handle
-
-
-def stop_front_door(servers_dir: Path) -> FrontDoorStatus:
-    """Stop the front door and forget it."""
-    handle = read_front_door(servers_dir)
-    if handle is None:
-        return FrontDoorStatus(state="absent")
-    terminate(handle)
-    state_path(servers_dir, FRONT_DOOR).unlink(missing_ok=True)
-    return FrontDoorStatus(state="absent", handle=handle, detail="stopped")

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from subprocess import Popen
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.support.release_home import ReleaseHome
 
 # Before anything imports prefect or mlflow: keep their state out of ~ and stay quiet offline.
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="slmops-tests-"))
@@ -24,16 +32,30 @@ os.environ.pop("HF_TOKEN", None)
 
 import pytest  # noqa: E402
 
+from tests.support.checkout import state_in  # noqa: E402
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
 # The tiny model takes ~20 s to build; it is deterministic, so one build per machine serves all
 # test sessions (CI's fresh clone builds it once).
 EMBEDDED_CACHE = Path(os.environ.get("SLMOPS_TEST_CACHE", Path.home() / ".cache" / "slmops-tests"))
 os.environ["SLMOPS_EMBEDDED_CACHE"] = str(EMBEDDED_CACHE)  # flows under test build it there too
 
 
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean() -> Iterator[None]:
+    """Fails the session (an error at the last teardown) if it left MLflow or slmops state in
+    the checkout: tests write under tmp only. State that was there before is not the tests'."""
+    before = state_in(CHECKOUT)
+    yield
+    gained = sorted(str(path) for path in state_in(CHECKOUT) - before)
+    assert not gained, f"the tests wrote into the checkout: {gained}"
+
+
 @pytest.fixture(scope="session")
 def embedded_repos() -> dict[str, Path]:
     """repo id -> local folder of the embedded tiny Phi-3 and its ONNX release."""
-    from slmops.embedded import ensure_embedded_repos
+    from offline_kit.embedded import ensure_embedded_repos
 
     return ensure_embedded_repos(EMBEDDED_CACHE)
 
@@ -52,15 +74,34 @@ def tiny_onnx_int4_dir(embedded_repos: dict[str, Path]) -> Path:
     return embedded_repos[TINY_PHI3_ONNX_REPO_ID] / PHI3_ONNX_INT4_SUBFOLDER
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    """One MLflow SQLite store for all the tests of a module."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite database, created once: MLflow's schema migrations take ~5 s per
+    new database here, so each test's store starts as a copy of this one."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    database = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    # The Default experiment's artifact root is fixed here: under tmp, not ./mlruns.
+    SqlAlchemyStore(f"sqlite:///{database}", (database.parent / "mlruns").as_uri())
+    return database
 
 
-@pytest.fixture(scope="module")
+def new_store(folder: Path, empty_store: Path) -> str:
+    """The tracking URI of a new, empty MLflow SQLite store in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(empty_store, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory, empty_store) -> str:
+    """One MLflow SQLite store for the tests that read the `logged` wrappers (and add their own)."""
+    return new_store(tmp_path_factory.mktemp("mlflow"), empty_store)
+
+
+@pytest.fixture(scope="session")
 def logged(store, tiny_model_dir, tiny_onnx_int4_dir):
-    """The three wrappers of the embedded model, logged once per module into `store`."""
+    """The three wrappers of the embedded model, logged once per session into `store`."""
     from slmops.config import GenerationSpec, OnnxExportSpec
     from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
 
@@ -75,9 +116,9 @@ def logged(store, tiny_model_dir, tiny_onnx_int4_dir):
 
 
 @pytest.fixture()
-def tracking_uri(tmp_path: Path) -> str:
+def tracking_uri(tmp_path: Path, empty_store: Path) -> str:
     """A fresh MLflow tracking + registry store on SQLite for one test."""
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return new_store(tmp_path, empty_store)
 
 
 @pytest.fixture(scope="session")
@@ -89,10 +130,95 @@ def prefect_harness():
         yield
 
 
+# The session's release: every wrapper served, with the front door. No fp32 export for runtime
+# parity: test_release_flow's release and test_validation check parity.
+SHARED_RELEASE_CONFIG = {"runtime_parity": False}
+
+
+def _uses_shared_release(item: pytest.Item) -> bool:
+    return "released" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The shared release starts in the background with the session's first test
+    # (`release_started`); the tests on it run last, when it is ready. Otherwise the order holds.
+    items.sort(key=_uses_shared_release)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def release_started(request, tmp_path_factory) -> Iterator[tuple[ReleaseHome, Popen] | None]:
+    """The shared release's process, started with the session's first test when a selected test
+    uses `released` (else None); at the end, every server it started is stopped."""
+    if not any(_uses_shared_release(item) for item in request.session.items):
+        yield None
+        return
+    from prefect.settings import PREFECT_API_URL
+
+    from slmops.config import ReleaseConfig, Settings, WrapperKind
+    from slmops.servers import FRONT_DOOR
+    from tasks.serving import served_names, stop_server
+    from tests.support.consistency import servers_of_store
+    from tests.support.release_home import ReleaseHome, release_env
+
+    request.getfixturevalue("prefect_harness")
+    request.getfixturevalue("embedded_repos")
+    root = tmp_path_factory.mktemp("release-home")
+    outputs = root / "test-output"
+    outputs.mkdir()
+    config = ReleaseConfig.model_validate(SHARED_RELEASE_CONFIG)
+    home = ReleaseHome(
+        settings=Settings.from_env({"SLMOPS_HOME": str(root)}),
+        env=release_env(root, str(PREFECT_API_URL.value())),
+        outputs=outputs,
+        names={kind: config.registry.model_name(kind) for kind in WrapperKind},
+    )
+    proc = home.start("first", config.model_dump_json())
+    try:
+        yield home, proc
+    finally:
+        if proc.poll() is None:  # the session ended before a test needed it
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        servers = home.settings.servers_dir
+        with ThreadPoolExecutor() as pool:  # each waits for its process group to exit
+            stops = [pool.submit(stop_server, servers, FRONT_DOOR)]
+            stops += [pool.submit(stop_server, servers, n) for n in served_names(servers)]
+        for orphan in servers_of_store(home.settings.tracking_uri):
+            os.killpg(orphan.pid, signal.SIGKILL)
+        for stop in stops:
+            stop.result()
+
+
+@pytest.fixture(scope="session")
+def released(release_started: tuple[ReleaseHome, Popen] | None) -> ReleaseHome:
+    """One real release for the session, run as operators run it (`python -m flows.release`,
+    HF_TOKEN set, reporting to the session's Prefect server): the three wrappers validated,
+    registered, promoted and served by `mlflow models serve`, the front door in front of them.
+
+    The bad-request, front-door and reliability tests share it. A test that changes what is
+    served (kills a server, switches a version, releases again) puts the champions back
+    (`ReleaseHome.restore_serving`) or restores what it changed, so any order of tests works.
+    """
+    assert release_started is not None  # started for every session with a test on it
+    home, proc = release_started
+    report = home.finish("first", proc)
+    assert {o["registered_model"] for o in report["outcomes"]} == set(home.names.values())
+    assert all(o["promoted"] for o in report["outcomes"]), report
+    return home
+
+
+@pytest.fixture()
+def restores_serving(released):
+    """For a test that changes what `released` serves: afterwards, passed or failed, every
+    champion is served again, with the front door (healthy servers are kept)."""
+    yield released
+    released.restore_serving()
+
+
 @pytest.fixture()
 def fake_hub(embedded_repos: dict[str, Path]):
     """A loopback fake Hugging Face hub serving the embedded repos, fresh (no faults) per test."""
-    from slmops.fake_hub import FakeHub
+    from offline_kit.fake_hub import FakeHub
 
     with FakeHub(embedded_repos) as hub:
         yield hub

@@ -1,8 +1,9 @@
 """Bad requests to each served model kind over real HTTP: a 4xx naming the problem, then service.
 
-The three wrappers are logged once for the module on the tiny model, registered and served with
-`mlflow models serve` on 127.0.0.1. Each case sends one bad request, checks the status and the
-`message` of MLflow's error body (never the stack trace it may add), then a good request.
+The three wrappers are the session's shared release of the tiny model (`released` in conftest),
+served with `mlflow models serve` on 127.0.0.1. Each case sends one bad request, checks the
+status and the `message` of MLflow's error body (never the stack trace it may add), then a good
+request.
 
 What MLflow's scoring server does with a model's exception decides the status:
 `mlflow/pyfunc/scoring_server/__init__.py` answers `MlflowException.get_http_status_code()`
@@ -21,53 +22,24 @@ from typing import Any
 
 import httpx
 import pytest
-from prefect.logging import disable_run_logger
 
-from slmops.config import GenerationSpec, OnnxExportSpec, WrapperKind
-from slmops.tiny_model import chat_prompt
-from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
-from tasks.registry import register_version
-from tasks.serving import ServerHandle, ask, serve_model, status_of, stop_model_server
+from offline_kit.tiny_model import chat_prompt
+from slmops.config import WrapperKind
+from tasks.serving import ServerHandle, ask, status_of
+from tests.support.release_home import ReleaseHome
 
 pytestmark = pytest.mark.e2e
 
 SPAIN = "What is the capital of Spain?"
-SOURCE = {"repo": "slmops/tiny-phi3", "commit": "0123abcd"}
 # ~12k tokens of the tiny model's tokenizer: three times its 4096-token context.
 LONG_TEXT = "word " * 4000
 REQUEST_TIMEOUT_S = 30.0  # far above any answer here: a timeout is a hang, not a slow model
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory, tiny_model_dir, tiny_onnx_int4_dir):
-    """kind -> handle of a running server of the tiny model logged as that kind."""
-    root = tmp_path_factory.mktemp("bad-requests")
-    store = f"sqlite:///{root / 'mlflow.db'}"
-    servers_dir = root / "servers"
-    generation, export = GenerationSpec(max_new_tokens=32), OnnxExportSpec()
-    refs = [
-        log_chat_pipeline.fn(store, "bad-requests", tiny_model_dir, generation, SOURCE),
-        log_onnx_prompt_model.fn(
-            store, "bad-requests", tiny_onnx_int4_dir, generation, export, SOURCE
-        ),
-        log_onnx_chat_model.fn(
-            store, "bad-requests", tiny_onnx_int4_dir, generation, export, SOURCE
-        ),
-    ]
-    handles: dict[WrapperKind, ServerHandle] = {}
-    try:
-        with disable_run_logger():
-            for slot, ref in enumerate(refs):
-                version = register_version.fn(store, ref.model_uri, ref.kind.value, {})
-                served = serve_model.fn(
-                    version.uri, ref.kind.value, ref.kind, "127.0.0.1", None, slot,
-                    servers_dir, store, 180.0, SPAIN,
-                )  # fmt: skip
-                handles[ref.kind] = served.handle
-        yield handles
-    finally:
-        for kind in WrapperKind:
-            stop_model_server(servers_dir, kind.value)
+@pytest.fixture()
+def servers(released: ReleaseHome) -> dict[WrapperKind, ServerHandle]:
+    """kind -> handle of the server now serving the release's champion of that kind."""
+    return {kind: released.handle(kind) for kind in WrapperKind}
 
 
 @dataclass(frozen=True)
@@ -255,5 +227,5 @@ def test_a_request_that_is_not_json_gets_415(servers, kind: WrapperKind) -> None
         timeout=REQUEST_TIMEOUT_S,
     )
     assert response.status_code == 415 and "application/json" in response.text
-    assert status_of(handle.log_path.parent, kind.value).handle == handle  # not restarted
+    assert status_of(handle.log_path.parent, handle.name).handle == handle  # not restarted
     assert "Madrid" in ask(handle, SPAIN, timeout=REQUEST_TIMEOUT_S)

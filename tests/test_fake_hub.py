@@ -18,7 +18,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 
-from slmops.fake_hub import ALWAYS, FakeHub, Faults, git_blob_sha1, serve_embedded
+from offline_kit.fake_hub import ALWAYS, FakeHub, Faults, git_blob_sha1, serve_embedded
 
 REPO = "acme/tiny"
 WEIGHTS = "weights/model.safetensors"

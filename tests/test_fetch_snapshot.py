@@ -25,6 +25,7 @@ from prefect.context import FlowRunContext
 from prefect.tasks import exponential_backoff
 from pydantic import SecretStr
 
+from offline_kit.fake_hub import ALWAYS, FakeHub, Faults
 from slmops.config import (
     PHI3_ONNX_INT4_SUBFOLDER,
     TINY_PHI3_ONNX_REPO_ID,
@@ -32,9 +33,9 @@ from slmops.config import (
     HubSpec,
     Settings,
 )
-from slmops.fake_hub import ALWAYS, FakeHub, Faults
 from tasks.hub import (
     HubAccessError,
+    HubConnection,
     HubUnreachableError,
     SnapshotCachePolicy,
     SnapshotVerificationError,
@@ -42,6 +43,7 @@ from tasks.hub import (
     fetch_onnx_release,
     fetch_repo,
     fetch_snapshot,
+    hf_cache_dir,
     resolve_revision,
     snapshot_dir,
 )
@@ -199,12 +201,13 @@ def test_fetches_the_embedded_model_and_the_onnx_subfolder(
     prefect_harness: None, fake_hub: FakeHub, embedded_repos: dict[str, Path], tmp_path: Path
 ) -> None:
     settings = Settings(slmops_home=tmp_path)
+    hub = HubConnection(endpoint=fake_hub.endpoint, cache_dir=hf_cache_dir(settings))
     spec = HubSpec()
 
     model, onnx_dir = in_flow(
         lambda: (
-            fetch_model_snapshot(spec, settings, fake_hub.endpoint),
-            fetch_onnx_release(spec, settings, fake_hub.endpoint),
+            fetch_model_snapshot(spec, hub),
+            fetch_onnx_release(spec, hub),
         )
     )
 
@@ -305,10 +308,22 @@ TRANSIENT_FAULTS: dict[str, Callable[[int], Faults]] = {
 }
 
 
+@pytest.fixture()
+def resume_pauses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """huggingface_hub sleeps 1 s before each of its own resume attempts of a download
+    (`file_download.http_get`); the attempts still happen, the pauses are only recorded."""
+    import huggingface_hub.file_download as file_download
+
+    pauses: list[float] = []
+    monkeypatch.setattr(file_download, "time", SimpleNamespace(sleep=pauses.append))
+    return pauses
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("fault", TRANSIENT_FAULTS)
 def test_transient_fault_fails_without_retries_and_is_survived_with_them(
     prefect_harness: None,
+    resume_pauses: list[float],
     fake_hub: FakeHub,
     embedded_repos: dict[str, Path],
     tmp_path: Path,
@@ -332,6 +347,8 @@ def test_transient_fault_fails_without_retries_and_is_survived_with_them(
     assert is_transient(failure.value), repr(failure.value)
     attempt_requests = faulty_requests()
     assert attempt_requests >= 1
+    if attempt_requests > 1:  # huggingface_hub resumed (and would have paused) in between
+        assert len(resume_pauses) >= attempt_requests - 1
 
     # The same fault for exactly one attempt's worth of requests: the task's retry gets through.
     fake_hub.reset_counts()

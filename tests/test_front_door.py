@@ -1,46 +1,51 @@
 """The OpenAI-compatible front door, called with the real `openai` client.
 
 Unit tests run the app in-process against a fake upstream (httpx MockTransport). The e2e tests
-log and register both chat wrappers of the embedded tiny Phi-3, serve them with
-`mlflow models serve`, start the front door as its own process and call it over HTTP.
+call the front door of the session's shared release (`released` in conftest) over HTTP: its own
+process, in front of both chat wrappers of the embedded tiny Phi-3 served with
+`mlflow models serve`. A test that switches or kills a model server serves the champion again.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
-import mlflow
 import openai
 import pytest
 from fastapi.testclient import TestClient
 from prefect.logging import disable_run_logger
 
-from slmops.config import GenerationSpec, OnnxExportSpec, RegistrySpec, WrapperKind
+from flows.release import EXPERIMENT
+from slmops.config import (
+    GenerationSpec,
+    ModelServerSpec,
+    OnnxExportSpec,
+    RegistrySpec,
+    ServeSpec,
+    WrapperKind,
+)
 from slmops.front_door import create_app
-from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model
+from slmops.servers import FRONT_DOOR, ServerHandle, write_handle
+from tasks.mlflow_models import log_onnx_chat_model
 from tasks.registry import register_version
 from tasks.serving import (
-    ServerHandle,
-    _write_handle,
     describe,
-    front_door_status,
     serve_front_door,
     serve_model,
     status_of,
-    stop_front_door,
-    stop_model_server,
     terminate,
 )
+from tests.support.release_home import ReleaseHome
 
 SPAIN = "What is the capital of Spain?"
 REGISTRY = RegistrySpec()
 CHAT_TRANSFORMERS = REGISTRY.model_name(WrapperKind.CHAT_TRANSFORMERS)
 CHAT_ONNX = REGISTRY.model_name(WrapperKind.CHAT_ONNX)
+CHAT_KINDS = (WrapperKind.CHAT_TRANSFORMERS, WrapperKind.CHAT_ONNX)
 
 
 def completion(content: str = "The capital of Spain is Madrid.", **extra) -> dict:
@@ -69,7 +74,7 @@ def write_state(servers_dir: Path, name: str, kind: WrapperKind, port: int) -> N
         pid=1, process_started=0.0, log_path=servers_dir / f"{name}.log",
         started_at="2026-01-01T00:00:00+00:00",
     )  # fmt: skip
-    _write_handle(servers_dir, handle)
+    write_handle(servers_dir, handle)
 
 
 class FakeUpstream:
@@ -231,71 +236,43 @@ def test_a_request_caught_by_a_switch_goes_to_the_new_server(fake):
 # --- e2e: real model servers, a real front door process ---------------------------------------
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_model_dir, tiny_onnx_int4_dir):
-    """Both chat wrappers registered, served, and the front door in front of them."""
-    root = tmp_path_factory.mktemp("front-door")
-    store = f"sqlite:///{root / 'mlflow.db'}"
-    servers = root / "servers"
-    generation = GenerationSpec(max_new_tokens=32)
-    source = {"repo": "slmops/tiny-phi3", "commit": "0123abcd"}
-    previous_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(store)  # the registry resolves `models:/m-...` sources through it
+@pytest.fixture()
+def served(released: ReleaseHome, tiny_onnx_int4_dir: Path) -> SimpleNamespace:
+    """The shared release's front door and chat model servers, and how to change them."""
+    servers = released.settings.servers_dir
+    store = released.settings.tracking_uri
+    door = status_of(servers, FRONT_DOOR).handle
+    assert door is not None
 
     def log_onnx():
         return log_onnx_chat_model.fn(
-            store, "release", tiny_onnx_int4_dir, generation, OnnxExportSpec(), source
-        )
+            store, EXPERIMENT, tiny_onnx_int4_dir, GenerationSpec(max_new_tokens=32),
+            OnnxExportSpec(), {"repo": "slmops/tiny-phi3", "commit": "0123abcd"},
+        )  # fmt: skip
 
-    def serve(name, kind, slot, uri):
+    def serve(kind: WrapperKind, uri: str):
         with disable_run_logger():
-            return serve_model.fn(
-                uri, name, kind, "127.0.0.1", None, slot, servers, store, 120.0, SPAIN
+            spec = ModelServerSpec.from_serve(
+                ServeSpec(startup_timeout_s=120.0), uri, released.names[kind], kind, SPAIN
             )
+            return serve_model.fn(spec, servers, store)
 
-    with disable_run_logger():
-        refs = {
-            CHAT_TRANSFORMERS: log_chat_pipeline.fn(
-                store, "release", tiny_model_dir, generation, source
-            ),
-            CHAT_ONNX: log_onnx(),
-        }
-        versions = {
-            name: register_version.fn(store, ref.model_uri, name, {}) for name, ref in refs.items()
-        }
-    # Two servers start faster side by side than one after the other, even on 2 cores.
-    with ThreadPoolExecutor(2) as pool:
-        results = list(
-            pool.map(
-                serve,
-                [CHAT_TRANSFORMERS, CHAT_ONNX],
-                [WrapperKind.CHAT_TRANSFORMERS, WrapperKind.CHAT_ONNX],
-                [0, 1],
-                [versions[CHAT_TRANSFORMERS].uri, versions[CHAT_ONNX].uri],
-            )
-        )
-    with disable_run_logger():
-        door = serve_front_door.fn(servers, "127.0.0.1", None, 60.0)
-    try:
-        yield SimpleNamespace(
-            store=store,
-            servers=servers,
-            handles={r.handle.name: r.handle for r in results},
-            door=door,
-            client=openai.OpenAI(base_url=f"{door.url}/v1", api_key="unused", max_retries=0),
-            log_onnx=log_onnx,
-            serve=serve,
-        )
-    finally:
-        stop_front_door(servers)
-        for name in (CHAT_TRANSFORMERS, CHAT_ONNX):
-            stop_model_server(servers, name)
-        mlflow.set_tracking_uri(previous_uri)
+    return SimpleNamespace(
+        store=store,
+        servers=servers,
+        names=released.names,
+        handle=released.handle,
+        door=door,
+        client=openai.OpenAI(base_url=f"{door.url}/v1", api_key="unused", max_retries=0),
+        log_onnx=log_onnx,
+        serve=serve,
+    )
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("model", [CHAT_TRANSFORMERS, CHAT_ONNX])
-def test_openai_client_gets_a_chat_completion(served, model):
+@pytest.mark.parametrize("kind", CHAT_KINDS, ids=str)
+def test_openai_client_gets_a_chat_completion(served, kind):
+    model = served.names[kind]
     answer = served.client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": SPAIN}], max_tokens=16, temperature=0
     )
@@ -324,9 +301,10 @@ def test_openai_client_gets_a_chat_completion(served, model):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("model", [CHAT_TRANSFORMERS, CHAT_ONNX])
-def test_the_whole_conversation_reaches_the_model(served, model):
+@pytest.mark.parametrize("kind", CHAT_KINDS, ids=str)
+def test_the_whole_conversation_reaches_the_model(served, kind):
     """What MLflow's gateway cannot do: a system prompt and history go through the template."""
+    model = served.names[kind]
     question = [{"role": "user", "content": SPAIN}]
     conversation = [
         {"role": "system", "content": "You answer geography questions."},
@@ -342,7 +320,8 @@ def test_the_whole_conversation_reaches_the_model(served, model):
 
 @pytest.mark.e2e
 def test_models_aliases_and_errors(served):
-    assert sorted(m.id for m in served.client.models.list()) == [CHAT_ONNX, CHAT_TRANSFORMERS]
+    chat_onnx, chat_transformers = (served.names[kind] for kind in reversed(CHAT_KINDS))
+    assert sorted(m.id for m in served.client.models.list()) == [chat_onnx, chat_transformers]
     alias = served.client.chat.completions.create(
         model="chat-onnx", messages=[{"role": "user", "content": SPAIN}], max_tokens=16
     )
@@ -352,12 +331,12 @@ def test_models_aliases_and_errors(served):
     with pytest.raises(openai.NotFoundError):
         served.client.chat.completions.create(model="gpt-4o", messages=messages)
     with pytest.raises(openai.BadRequestError, match="streaming"):
-        served.client.chat.completions.create(model=CHAT_ONNX, messages=messages, stream=True)
+        served.client.chat.completions.create(model=chat_onnx, messages=messages, stream=True)
     # The model server's own 400 comes through as a 400: the pipeline takes no `n`.
     with pytest.raises(openai.BadRequestError, match="not valid for pipeline"):
-        served.client.chat.completions.create(model=CHAT_TRANSFORMERS, messages=messages, n=2)
+        served.client.chat.completions.create(model=chat_transformers, messages=messages, n=2)
     two = served.client.chat.completions.create(
-        model=CHAT_ONNX, messages=messages, n=2, max_tokens=4
+        model=chat_onnx, messages=messages, n=2, max_tokens=4
     )
     assert [c.index for c in two.choices] == [0, 1]
 
@@ -367,16 +346,18 @@ def test_the_front_door_is_reused_and_reported(served):
     with disable_run_logger():
         again = serve_front_door.fn(served.servers, "127.0.0.1", None, 60.0)
     assert again == served.door
-    status = front_door_status(served.servers)
+    status = status_of(served.servers, FRONT_DOOR)
     assert status.state == "serving"
-    assert status.detail == f"{served.door.url}/v1: {CHAT_ONNX}, {CHAT_TRANSFORMERS}"
+    chat_onnx, chat_transformers = (served.names[kind] for kind in reversed(CHAT_KINDS))
+    assert status.detail == f"{served.door.url}/v1: {chat_onnx}, {chat_transformers}"
     row = describe(status)
     assert row["url"] == served.door.url and row["pid"] == served.door.pid
 
 
 @pytest.mark.e2e
-def test_a_blue_green_switch_keeps_the_front_door_address(served):
-    old = served.handles[CHAT_ONNX]
+def test_a_blue_green_switch_keeps_the_front_door_address(served, restores_serving):
+    chat_onnx = served.names[WrapperKind.CHAT_ONNX]
+    old = served.handle(WrapperKind.CHAT_ONNX)
     answers, errors = [], []
     done = threading.Event()
 
@@ -384,7 +365,7 @@ def test_a_blue_green_switch_keeps_the_front_door_address(served):
         while not done.is_set():
             try:
                 answer = served.client.chat.completions.create(
-                    model=CHAT_ONNX, messages=[{"role": "user", "content": SPAIN}], max_tokens=16
+                    model=chat_onnx, messages=[{"role": "user", "content": SPAIN}], max_tokens=16
                 )
                 answers.append(answer.choices[0].message.content)
             except openai.OpenAIError as exc:
@@ -394,26 +375,28 @@ def test_a_blue_green_switch_keeps_the_front_door_address(served):
     asker.start()
     try:
         with disable_run_logger():
-            v2 = register_version.fn(served.store, served.log_onnx().model_uri, CHAT_ONNX, {})
-        switched = served.serve(CHAT_ONNX, WrapperKind.CHAT_ONNX, 1, v2.uri)
+            v2 = register_version.fn(served.store, served.log_onnx().model_uri, chat_onnx, {})
+        switched = served.serve(WrapperKind.CHAT_ONNX, v2.uri)
     finally:
         done.set()
         asker.join()
     assert switched.replaced == old and switched.handle.port != old.port
-    assert status_of(served.servers, CHAT_ONNX).handle.model_uri == v2.uri
+    assert status_of(served.servers, chat_onnx).handle.model_uri == v2.uri
     assert errors == [] and answers and all("Madrid" in a for a in answers)
     after = served.client.chat.completions.create(
-        model=CHAT_ONNX, messages=[{"role": "user", "content": SPAIN}], max_tokens=16
+        model=chat_onnx, messages=[{"role": "user", "content": SPAIN}], max_tokens=16
     )
     assert "Madrid" in after.choices[0].message.content
-    assert front_door_status(served.servers).handle == served.door  # same process, same port
+    assert status_of(served.servers, FRONT_DOOR).handle == served.door  # same process, same port
 
 
 @pytest.mark.e2e
-def test_a_dead_model_server_is_a_503(served):
-    terminate(served.handles[CHAT_TRANSFORMERS])  # the state file stays: served, but down
+def test_a_dead_model_server_is_a_503(served, restores_serving):
+    # The ONNX chat server: the front door treats every kind alike, and it restarts in seconds.
+    terminate(served.handle(WrapperKind.CHAT_ONNX))  # the state file stays: served, but down
     with pytest.raises(openai.InternalServerError, match="not reachable") as err:
         served.client.chat.completions.create(
-            model=CHAT_TRANSFORMERS, messages=[{"role": "user", "content": SPAIN}]
+            model=served.names[WrapperKind.CHAT_ONNX],
+            messages=[{"role": "user", "content": SPAIN}],
         )
     assert err.value.status_code == 503

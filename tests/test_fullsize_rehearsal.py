@@ -1,6 +1,6 @@
 """The full-size rehearsal's code path at CI size: Phi-3-mini's full width with one layer.
 
-The twin (`slmops.twin_model`) with one decoder layer keeps what makes Phi-3-mini expensive
+The twin (`offline_kit.twin_model`) with one decoder layer keeps what makes Phi-3-mini expensive
 (hidden 3072, vocab 32064, two bf16 shards: 0.6 GB) and runs the same code as the 32-layer one:
 shard handling, the checkpoint's dtype, the ONNX folder stored once per release, the builder's
 memory guard and the memory check before a server switch.
@@ -17,15 +17,26 @@ from pathlib import Path
 import pytest
 import yaml
 
+from offline_kit.twin_model import (
+    PHI3_MINI_CONFIG,
+    TWIN_ONNX_REPO_ID,
+    TWIN_REPO_ID,
+    ensure_twin_repos,
+    tensor_plan,
+    twin_config,
+)
 from slmops.config import (
     PHI3_ONNX_INT4_SUBFOLDER,
     GenerationSpec,
     HubSpec,
+    ModelServerSpec,
     OnnxExportSpec,
+    RegistrySpec,
     ReleaseConfig,
     ServeFlowConfig,
     ServeSpec,
     Settings,
+    ValidationSpec,
     WrapperKind,
 )
 from slmops.onnx_builder import (
@@ -36,14 +47,6 @@ from slmops.onnx_builder import (
     run_within_memory,
 )
 from slmops.serving_memory import expected_server_bytes, plan_switch
-from slmops.twin_model import (
-    PHI3_MINI_CONFIG,
-    TWIN_ONNX_REPO_ID,
-    TWIN_REPO_ID,
-    ensure_twin_repos,
-    tensor_plan,
-    twin_config,
-)
 from tests.conftest import EMBEDDED_CACHE
 
 PHI3_MINI_PARAMETERS = 3_821_079_552
@@ -177,7 +180,7 @@ def twin_release(twin, tmp_path_factory, prefect_harness):
     """One release of the twin through the fake hub (`source: hub`, as for the real model)."""
     from flows.release import release
     from flows.serve import serve
-    from slmops.fake_hub import FakeHub
+    from offline_kit.fake_hub import FakeHub
 
     home = tmp_path_factory.mktemp("twin-home")
     config = ReleaseConfig(
@@ -187,6 +190,8 @@ def twin_release(twin, tmp_path_factory, prefect_harness):
         ),
         onnx=OnnxExportSpec(source="hub"),
         generation=GenerationSpec(max_new_tokens=4),
+        validation=ValidationSpec(reference_answers=False),  # random weights: structure only
+        registry=RegistrySpec(name_prefix="phi3-mini-twin"),
         serve=ServeSpec(kinds=(WrapperKind.CHAT_TRANSFORMERS, WrapperKind.PROMPT_ONNX),
                         front_door=False),
         runtime_parity=False,
@@ -282,16 +287,21 @@ def test_a_switch_that_cannot_fit_beside_the_old_server_stops_it_first(twin_rele
     new_bytes = expected_server_bytes(model_files_bytes(outcome.model_uri, settings.tracking_uri))
     without_old = sum(running.values()) - running[name] + new_bytes
     serve = serve_model.with_options(retries=0)
-    args = (outcome.model_uri, name, outcome.kind, "127.0.0.1", None, 1, settings.servers_dir,
-            settings.tracking_uri, config.serve.startup_timeout_s, "Hello")  # fmt: skip
+    spec = ModelServerSpec(
+        model_uri=outcome.model_uri, name=name, kind=outcome.kind, smoke_question="Hello",
+        slot=1, startup_timeout_s=config.serve.startup_timeout_s,
+    )  # fmt: skip
+
+    def with_budget(budget_bytes: int) -> ModelServerSpec:
+        return spec.model_copy(update={"memory_budget_gb": budget_bytes / 1e9})
 
     # Too small even without the old server: refused, and the old server keeps serving.
     with pytest.raises(ServingError, match="not starting the new server"):
-        serve(*args, memory_budget_gb=(without_old - GIB // 4) / 1e9)
+        serve(with_budget(without_old - GIB // 4), settings.servers_dir, settings.tracking_uri)
     assert status_of(settings.servers_dir, name).state == "serving"
 
     # Room for the new server only once the old one is gone: memory-safe order.
-    result = serve(*args, memory_budget_gb=(without_old + GIB // 8) / 1e9)
+    result = serve(with_budget(without_old + GIB // 8), settings.servers_dir, settings.tracking_uri)
     assert result.switch is not None and result.switch.order == "stop-first"
     assert result.switch.gap_bytes > 0
     assert status_of(settings.servers_dir, name).handle.model_uri == outcome.model_uri

@@ -12,11 +12,11 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.models import Model, infer_signature
 
+from offline_kit.tiny_model import TRAINED_ANSWERS, chat_prompt
 from slmops.config import GenerationSpec, OnnxExportSpec, WrapperKind
 from slmops.onnx_builder import OnnxExportError
 from slmops.refs import LoggedModelRef
 from slmops.signatures import PROMPT_INPUT_EXAMPLE, expected_signature
-from slmops.tiny_model import TRAINED_ANSWERS, chat_prompt
 from tasks.mlflow_models import (
     CANDIDATE_TAG,
     FAILURE_TAG,

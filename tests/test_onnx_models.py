@@ -12,11 +12,11 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModelContext
 
+from offline_kit.tiny_model import TRAINED_ANSWERS, chat_prompt
 from slmops.config import OnnxExportSpec
 from slmops.onnx_builder import GENAI_CONFIG, OnnxExportError
 from slmops.onnx_chat_model import OnnxChatModel, requests_from_input
 from slmops.onnx_prompt_model import ARTIFACT_KEY, OnnxPromptModel, prompts_from_input
-from slmops.tiny_model import TRAINED_ANSWERS, chat_prompt
 from tasks.onnx_export import export_dir, export_onnx, validate_onnx_folder
 
 SPAIN = "What is the capital of Spain?"

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
-from mlflow.models import infer_signature
 from prefect.logging import disable_run_logger
 
 from tasks.registry import (
@@ -18,30 +16,9 @@ from tasks.registry import (
     register_version,
     rollback_version,
 )
+from tests.support.echo_versions import log_echo_model, register
 
 pytestmark = pytest.mark.integration
-ECHO_MODEL = Path(__file__).parent / "support" / "echo_model.py"
-
-
-def log_echo_model(tracking_uri: str) -> str:
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(
-            name="echo",
-            python_model=str(ECHO_MODEL),
-            signature=infer_signature({"prompt": "hi"}, ["echo: hi"]),
-        )
-    return info.model_uri
-
-
-def register(tracking_uri: str, name: str, passed: bool = True) -> ModelVersionRef:
-    with disable_run_logger():
-        return register_version.fn(
-            tracking_uri,
-            log_echo_model(tracking_uri),
-            name,
-            {"slmops.validation.passed": str(passed).lower()},
-        )
 
 
 def promote(tracking_uri: str, ref: ModelVersionRef, tmp_path: Path):

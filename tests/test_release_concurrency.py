@@ -15,16 +15,16 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow import MlflowClient
 from prefect.logging import disable_run_logger
 
-from slmops.config import WrapperKind
-from slmops.promotion import CHALLENGER, CHAMPION
-from tasks.registry import SOURCE_MODEL_TAG, promote_version, read_state
-from tasks.serving import ask, healthy, serve_model, status_of, stop_model_server
-from tests.test_registry import log_echo_model, register
+from slmops.config import ModelServerSpec, WrapperKind
+from slmops.promotion import CHAMPION
+from tasks.registry import promote_version, read_state
+from tasks.serving import ask, healthy, serve_model, status_of, stop_server
+from tests.support.consistency import assert_consistent, servers_of_store
+from tests.support.echo_versions import log_echo_model, register
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 120.0
@@ -40,7 +40,7 @@ import json, os, sys, time
 from pathlib import Path
 from prefect.logging import disable_run_logger
 from tasks.registry import promote_version, register_version
-from tests.test_registry import log_echo_model
+from tests.support.echo_versions import log_echo_model
 
 store, work, index = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 workers, rounds, promote = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
@@ -76,7 +76,7 @@ SERVE = """
 import json, sys, time
 from pathlib import Path
 from prefect.logging import disable_run_logger
-from slmops.config import WrapperKind
+from slmops.config import ModelServerSpec, WrapperKind
 from tasks.serving import serve_model
 
 store, work, index, model_uri = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -84,8 +84,9 @@ store, work, index, model_uri = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys
 while not (work / "go").exists():
     time.sleep(0.01)
 with disable_run_logger():
-    result = serve_model.fn(model_uri, "echo", WrapperKind.PROMPT_ONNX, "127.0.0.1", None, 0,
-                            work / "servers", store, 120.0, "hello")
+    spec = ModelServerSpec(model_uri=model_uri, name="echo", kind=WrapperKind.PROMPT_ONNX,
+                           smoke_question="hello", startup_timeout_s=120.0)
+    result = serve_model.fn(spec, work / "servers", store)
 print(json.dumps({"port": result.handle.port, "model_uri": result.handle.model_uri}))
 """
 
@@ -142,19 +143,6 @@ def run_at_once(
     return [json.loads(out.read_text().strip().splitlines()[-1]) for out, _ in logs]
 
 
-def assert_consistent(tracking_uri: str, name: str) -> None:
-    """One Production version, @champion on it, nothing left half-promoted, no duplicates."""
-    client = MlflowClient(tracking_uri=tracking_uri)
-    state = read_state(client, name)
-    production = [v for v, stage in state.stages.items() if stage == "Production"]
-    assert len(production) == 1, state
-    assert state.aliases.get(CHAMPION) == production[0], state
-    assert "Staging" not in state.stages.values() and CHALLENGER not in state.aliases, state
-    assert set(state.stages) == set(range(1, len(state.stages) + 1)), state  # none lost
-    sources = [v.tags[SOURCE_MODEL_TAG] for v in client.search_model_versions(f"name='{name}'")]
-    assert len(sources) == len(set(sources)), f"a logged model registered twice: {sources}"
-
-
 @pytest.mark.integration
 def test_logged_models_registered_by_runs_at_once_are_one_version_each(tracking_uri, tmp_path):
     # Runs that share cached logged models register the same URIs at about the same time.
@@ -197,21 +185,6 @@ def test_runs_registering_and_promoting_at_once_leave_a_consistent_registry(trac
     assert state.production_version() in {r["versions"][-1] for r in results}
 
 
-def servers_of_store(tracking_uri: str) -> list[psutil.Process]:
-    """Every `mlflow models serve` process serving from this store (each test has its own)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "models serve" not in cmdline:
-            continue
-        try:
-            if proc.environ().get("MLFLOW_TRACKING_URI") == tracking_uri:
-                found.append(proc)
-        except (psutil.AccessDenied, psutil.NoSuchProcess):
-            continue
-    return found
-
-
 @pytest.mark.e2e
 def test_runs_serving_one_model_at_once_leave_one_server(tracking_uri, tmp_path):
     versions = [register(tracking_uri, "echo") for _ in range(2)]
@@ -231,7 +204,7 @@ def test_runs_serving_one_model_at_once_leave_one_server(tracking_uri, tmp_path)
         assert [p.pid for p in servers_of_store(tracking_uri)] == [status.handle.pid]
         assert "hello" in ask(status.handle, "hello")
     finally:
-        stop_model_server(servers_dir, "echo")
+        stop_server(servers_dir, "echo")
         for orphan in servers_of_store(tracking_uri):
             os.killpg(orphan.pid, signal.SIGKILL)
 
@@ -245,17 +218,15 @@ def test_serving_an_alias_serves_the_version_it_points_to_then(tracking_uri, tmp
     client.set_registered_model_alias("echo", CHAMPION, "2")
     try:
         with disable_run_logger():
-            first = serve_model.fn(
-                "models:/echo@champion", "echo", WrapperKind.PROMPT_ONNX, "127.0.0.1", None, 0,
-                servers_dir, tracking_uri, 120.0, "hello",
+            spec = ModelServerSpec(
+                model_uri="models:/echo@champion", name="echo", kind=WrapperKind.PROMPT_ONNX,
+                smoke_question="hello", startup_timeout_s=120.0,
             )  # fmt: skip
+            first = serve_model.fn(spec, servers_dir, tracking_uri)
             assert first.handle.model_uri == v2.uri
             client.set_registered_model_alias("echo", CHAMPION, "1")
-            second = serve_model.fn(
-                "models:/echo@champion", "echo", WrapperKind.PROMPT_ONNX, "127.0.0.1", None, 0,
-                servers_dir, tracking_uri, 120.0, "hello",
-            )  # fmt: skip
+            second = serve_model.fn(spec, servers_dir, tracking_uri)
         assert second.handle.model_uri == v1.uri and second.replaced == first.handle
         assert status_of(servers_dir, "echo").state == "serving"
     finally:
-        stop_model_server(servers_dir, "echo")
+        stop_server(servers_dir, "echo")

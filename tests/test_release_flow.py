@@ -17,8 +17,9 @@ from flows.release import ReleaseConfig, ReleaseValidationError, release
 from flows.rollback import rollback
 from flows.serve import serve
 from slmops.config import GenerationSpec, RollbackConfig, ServeFlowConfig, Settings, WrapperKind
+from slmops.servers import FRONT_DOOR
 from tasks.registry import read_state
-from tasks.serving import ask, front_door_status, status_of
+from tasks.serving import ask, status_of
 
 pytestmark = pytest.mark.e2e
 KINDS = (WrapperKind.CHAT_TRANSFORMERS, WrapperKind.PROMPT_ONNX, WrapperKind.CHAT_ONNX)
@@ -75,7 +76,7 @@ def test_first_release_registers_promotes_and_serves_every_wrapper(settings):
         assert "Madrid" in ask(status.handle, "What is the capital of Spain?")
 
     # Both runtimes behind one OpenAI-compatible address.
-    door = front_door_status(settings.servers_dir).handle
+    door = status_of(settings.servers_dir, FRONT_DOOR).handle
     for kind in (WrapperKind.CHAT_TRANSFORMERS, WrapperKind.CHAT_ONNX):
         body = {
             "model": kind.value,

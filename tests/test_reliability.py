@@ -2,8 +2,9 @@
 
 Releases run as operators run them: `python -m flows.release '<json>'` subprocesses on one
 `SLMOPS_HOME` (one SQLite MLflow store, lock folder and servers folder), reporting to the
-session's Prefect test server, with `HF_TOKEN` set to a secret that must show up nowhere. One
-module-wide home; a first release serves Production, and the tests run in order on it.
+session's Prefect test server, with `HF_TOKEN` set to a secret that must show up nowhere. The
+home is the session's shared release (`released` in conftest), whose first release serves
+Production; each test leaves the champions served, as it found them.
 """
 
 from __future__ import annotations
@@ -11,13 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -27,38 +23,33 @@ from mlflow import MlflowClient
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.settings import (
-    PREFECT_API_URL,
     PREFECT_RESULTS_LOCAL_STORAGE_PATH,
     PREFECT_SERVER_DATABASE_CONNECTION_URL,
 )
 
 from flows.serve import serve
+from offline_kit.fake_hub import FakeHub, Faults
 from slmops.config import (
     TINY_PHI3_REPO_ID,
     GenerationSpec,
     HubSpec,
     OnnxExportSpec,
-    RegistrySpec,
     ServeFlowConfig,
     ServeSpec,
     Settings,
     WrapperKind,
 )
-from slmops.fake_hub import FakeHub, Faults
 from slmops.promotion import CHAMPION
-from tasks.hub import fetch_model_snapshot
+from tasks.hub import HubConnection, fetch_model_snapshot, hf_cache_dir
 from tasks.mlflow_models import CANDIDATE_TAG, FAILURE_TAG, FLOW_RUN_TAG, log_onnx_prompt_model
-from tasks.registry import SOURCE_MODEL_TAG, read_state
-from tasks.serving import ServerStatus, ask, status_of, stop_model_server
-from tests.test_release_concurrency import assert_consistent, servers_of_store
+from tasks.registry import SOURCE_MODEL_TAG
+from tasks.serving import ask
+from tests.support.consistency import assert_consistent, servers_of_store
+from tests.support.release_home import RELEASE_TIMEOUT_S, TOKEN, ReleaseHome, point_flows_at
 
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TOKEN = f"hf_secret_{secrets.token_hex(12)}"
 SPAIN = "What is the capital of Spain?"
-RELEASE_TIMEOUT_S = 600
-NAMES = {kind: RegistrySpec().model_name(kind) for kind in WrapperKind}
 SERVED = WrapperKind.PROMPT_ONNX
 # Cheap but complete: no fp32 export for runtime parity; one served model (the ONNX prompt
 # model starts in seconds, the transformers one in ~20 s); no front door.
@@ -68,121 +59,50 @@ SERVE_SPEC = ServeSpec(kinds=(SERVED,), front_door=False)
 # Printed by Prefect when the first wrapper is logged: the run is past fetching and building and
 # has not validated, registered or promoted anything yet.
 LOGGED_MARKER = re.compile(r"Task run 'log_chat_pipeline-\w+' - Finished in state Completed")
-# `mlflow.set_tracking_uri` exports MLFLOW_TRACKING_URI, and Settings.from_env prefers it to
-# SLMOPS_HOME: whatever store an earlier test pointed MLflow at must not leak into a release.
-MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-
-
-@dataclass(frozen=True)
-class ReleaseHome:
-    settings: Settings
-    env: dict[str, str]
-    outputs: Path
-
-    @property
-    def client(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=self.settings.tracking_uri)
-
-    def registry(self) -> dict[str, Any]:
-        return {name: read_state(self.client, name) for name in NAMES.values()}
-
-    def served(self) -> ServerStatus:
-        return status_of(self.settings.servers_dir, NAMES[SERVED])
-
-
-def point_flows_at(home: ReleaseHome, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flows called in this process see `home` as the release subprocesses do."""
-    monkeypatch.setenv("SLMOPS_HOME", str(home.settings.home))
-    for variable in MLFLOW_URI_VARIABLES:
-        monkeypatch.delenv(variable, raising=False)
 
 
 def config(**changes: Any) -> str:
     return json.dumps({**BASE_CONFIG, **changes})
 
 
-def start_release(home: ReleaseHome, label: str, config_json: str) -> subprocess.Popen:
-    """`python -m flows.release <json>` in its own process group; its output goes to a file."""
-    with open(home.outputs / f"{label}.log", "w") as output:
-        return subprocess.Popen(
-            [sys.executable, "-m", "flows.release", config_json],
-            cwd=REPO_ROOT,
-            env=home.env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+@pytest.fixture()
+def home(released: ReleaseHome) -> ReleaseHome:
+    """The session's release home; its first release ran with HF_TOKEN set."""
+    return released
 
 
-def finish_release(home: ReleaseHome, label: str, proc: subprocess.Popen) -> dict[str, Any]:
-    """Wait for a release; its report (the JSON the module prints last)."""
-    try:
-        proc.wait(timeout=RELEASE_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    output = (home.outputs / f"{label}.log").read_text()
-    assert proc.returncode == 0, output[-5000:]
-    report, _ = json.JSONDecoder().raw_decode(output[output.rindex("\n{\n") + 1 :])
-    return report
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory, prefect_harness, embedded_repos) -> Iterator[ReleaseHome]:
-    """A release home after a first, complete release (run with HF_TOKEN set)."""
-    root = tmp_path_factory.mktemp("reliability-home")
-    outputs = root / "test-output"
-    outputs.mkdir()
-    env = {
-        **{k: v for k, v in os.environ.items() if k not in MLFLOW_URI_VARIABLES},
-        "SLMOPS_HOME": str(root),
-        "HF_TOKEN": TOKEN,
-        # The session's Prefect server: no temporary server per run, and one database holding
-        # every run's records and logs (searched for the token below).
-        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-        "PREFECT_LOGGING_TO_API_ENABLED": "true",
-    }
-    release_home = ReleaseHome(Settings.from_env({"SLMOPS_HOME": str(root)}), env, outputs)
-    try:
-        report = finish_release(
-            release_home, "first", start_release(release_home, "first", config())
-        )
-        assert all(o["promoted"] for o in report["outcomes"]), report
-        yield release_home
-    finally:
-        for name in NAMES.values():
-            stop_model_server(release_home.settings.servers_dir, name)
-        for orphan in servers_of_store(release_home.settings.tracking_uri):
-            os.killpg(orphan.pid, signal.SIGKILL)
-
-
-def test_a_crashed_server_is_seen_by_status_and_repaired_by_the_serve_flow(home, monkeypatch):
+def test_a_crashed_server_is_seen_by_status_and_repaired_by_the_serve_flow(
+    home, monkeypatch, restores_serving
+):
     point_flows_at(home, monkeypatch)
-    before = home.served()
+    before = home.status(SERVED)
     assert before.state == "serving"
     os.killpg(before.handle.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while home.served().state != "dead" and time.monotonic() < deadline:
+    while home.status(SERVED).state != "dead" and time.monotonic() < deadline:
         time.sleep(0.1)
 
     rows = {r["name"]: r for r in serve(ServeFlowConfig(action="status", serve=SERVE_SPEC))}
-    assert (rows[NAMES[SERVED]]["state"], rows[NAMES[SERVED]]["pid"]) == ("dead", before.handle.pid)
+    assert (rows[home.names[SERVED]]["state"], rows[home.names[SERVED]]["pid"]) == (
+        "dead",
+        before.handle.pid,
+    )
 
     rows = {r["name"]: r for r in serve(ServeFlowConfig(action="start", serve=SERVE_SPEC))}
-    after = home.served()
-    assert rows[NAMES[SERVED]]["state"] == after.state == "serving"
+    after = home.status(SERVED)
+    assert rows[home.names[SERVED]]["state"] == after.state == "serving"
     assert after.handle.pid != before.handle.pid
-    champion = home.client.get_model_version_by_alias(NAMES[SERVED], CHAMPION)
-    assert after.handle.model_uri == f"models:/{NAMES[SERVED]}/{champion.version}"
+    champion = home.client.get_model_version_by_alias(home.names[SERVED], CHAMPION)
+    assert after.handle.model_uri == f"models:/{home.names[SERVED]}/{champion.version}"
     assert "Madrid" in ask(after.handle, SPAIN)
 
 
 def test_a_release_killed_mid_way_leaves_production_and_the_served_model_untouched(home):
     registry_before = home.registry()
-    served_before = home.served()
+    served_before = home.status(SERVED)
     answer_before = ask(served_before.handle, SPAIN)
     # A changed input, so the run really logs new models (nothing comes from Prefect's cache).
-    proc = start_release(home, "killed", config(generation={"max_new_tokens": 48}))
+    proc = home.start("killed", config(generation={"max_new_tokens": 48}))
     log = home.outputs / "killed.log"
     try:
         deadline = time.monotonic() + RELEASE_TIMEOUT_S
@@ -202,7 +122,7 @@ def test_a_release_killed_mid_way_leaves_production_and_the_served_model_untouch
     assert runs, "the killed release logged nothing: the kill came too early to test anything"
     registered = {
         v.tags.get(SOURCE_MODEL_TAG)
-        for name in NAMES.values()
+        for name in home.names.values()
         for v in home.client.search_model_versions(f"name='{name}'")
     }
     for run in runs:
@@ -216,7 +136,7 @@ def test_a_release_killed_mid_way_leaves_production_and_the_served_model_untouch
     assert all(r.data.tags.get(CANDIDATE_TAG) == "pending" for r in cut_off), cut_off
 
     assert home.registry() == registry_before
-    served_after = home.served()
+    served_after = home.status(SERVED)
     assert served_after.state == "serving" and served_after.handle == served_before.handle
     assert ask(served_after.handle, SPAIN) == answer_before
 
@@ -238,16 +158,17 @@ def test_a_release_killed_mid_way_leaves_production_and_the_served_model_untouch
     assert flow_run.state is not None and flow_run.state.is_final(), flow_run.state
     assert flow_run.state.name == "Crashed"
     assert home.registry() == registry_before
-    assert home.served().handle == served_before.handle
+    assert home.status(SERVED).handle == served_before.handle
 
 
-def test_two_releases_at_once_leave_the_registry_consistent(home):
+# They promote new champions of every model but serve only the prompt model.
+def test_two_releases_at_once_leave_the_registry_consistent(home, restores_serving):
     versions_before = {name: set(state.stages) for name, state in home.registry().items()}
     run_config = config(generation={"max_new_tokens": 40})
-    procs = {label: start_release(home, label, run_config) for label in ("left", "right")}
-    reports = {label: finish_release(home, label, proc) for label, proc in procs.items()}
+    procs = {label: home.start(label, run_config) for label in ("left", "right")}
+    reports = {label: home.finish(label, proc) for label, proc in procs.items()}
 
-    new_versions: dict[str, set[int]] = {name: set() for name in NAMES.values()}
+    new_versions: dict[str, set[int]] = {name: set() for name in home.names.values()}
     for report in reports.values():
         for outcome in report["outcomes"]:
             assert outcome["validation_passed"] and outcome["promoted"], outcome
@@ -261,12 +182,13 @@ def test_two_releases_at_once_leave_the_registry_consistent(home):
         # The champion is one of this round's versions, whichever run promoted last.
         assert state.production_version() in new_versions[name], (state, new_versions)
 
-    served = home.served()
+    served = home.status(SERVED)
     assert served.state == "serving"
     version = int(served.handle.model_uri.rsplit("/", 1)[1])
-    assert version in new_versions[NAMES[SERVED]]
+    assert version in new_versions[home.names[SERVED]]
     # Both runs switched the server; the one that switched first had its server replaced.
-    assert [p.pid for p in servers_of_store(home.settings.tracking_uri)] == [served.handle.pid]
+    servers = servers_of_store(home.settings.tracking_uri, home.names[SERVED])
+    assert [p.pid for p in servers] == [served.handle.pid]
     assert "Madrid" in ask(served.handle, SPAIN)
 
 
@@ -290,7 +212,11 @@ def test_the_hf_token_appears_in_no_log_artifact_tag_or_record(
 
     @flow(name="gated-fetch")
     def gated_fetch():
-        return fetch_model_snapshot(HubSpec(source="hub"), Settings.from_env(), fake_hub.endpoint)
+        settings = Settings.from_env()
+        hub = HubConnection(
+            endpoint=fake_hub.endpoint, token=settings.hf_token, cache_dir=hf_cache_dir(settings)
+        )
+        return fetch_model_snapshot(HubSpec(source="hub", repo_id=TINY_PHI3_REPO_ID), hub)
 
     snapshot = gated_fetch()
     assert snapshot.files and fake_hub.count("file") > 0
@@ -320,7 +246,7 @@ def test_the_hf_token_appears_in_no_log_artifact_tag_or_record(
         texts += [json.dumps(run.data.params), json.dumps(run.data.tags)]
     for model in client.search_logged_models(experiment_ids=experiments):
         texts += [json.dumps(model.params), json.dumps(model.tags)]
-    for name in NAMES.values():
+    for name in home.names.values():
         texts += [json.dumps(v.tags) for v in client.search_model_versions(f"name='{name}'")]
     assert len(texts) > 10 and not [t for t in texts if TOKEN in t]
 

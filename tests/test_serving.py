@@ -10,27 +10,20 @@ import httpx
 import pytest
 from prefect.logging import disable_run_logger
 
-from slmops.config import WrapperKind
-from tasks.serving import ask, serve_model, status_of, stop_model_server
-from tests.test_registry import register
+from slmops.config import ModelServerSpec, WrapperKind
+from tasks.serving import ask, serve_model, status_of, stop_server
+from tests.support.echo_versions import register
 
 pytestmark = pytest.mark.e2e
 
 
 def serve(tracking_uri, uri, servers_dir):
     with disable_run_logger():
-        return serve_model.fn(
-            uri,
-            "echo",
-            WrapperKind.PROMPT_ONNX,
-            "127.0.0.1",
-            None,
-            0,
-            servers_dir,
-            tracking_uri,
-            120.0,
-            "hello",
-        )
+        spec = ModelServerSpec(
+            model_uri=uri, name="echo", kind=WrapperKind.PROMPT_ONNX, smoke_question="hello",
+            startup_timeout_s=120.0,
+        )  # fmt: skip
+        return serve_model.fn(spec, servers_dir, tracking_uri)
 
 
 def test_serve_switch_status_and_stop(tracking_uri, tmp_path):
@@ -54,7 +47,7 @@ def test_serve_switch_status_and_stop(tracking_uri, tmp_path):
         httpx.get(f"{first.handle.url}/ping", timeout=2)
     assert "hello" in ask(second.handle, "hello")
 
-    stopped = stop_model_server(servers, "echo")
+    stopped = stop_server(servers, "echo")
     assert stopped.detail == "stopped" and status_of(servers, "echo").state == "absent"
 
 
@@ -70,7 +63,7 @@ def test_a_crashed_server_is_seen_by_status_and_repaired_by_serve(tracking_uri, 
     assert status_of(servers, "echo").state == "dead"
     repaired = serve(tracking_uri, v1.uri, servers)
     assert not repaired.reused and status_of(servers, "echo").state == "serving"
-    stop_model_server(servers, "echo")
+    stop_server(servers, "echo")
 
 
 def test_a_model_that_cannot_serve_leaves_the_old_server(tracking_uri, tmp_path):
@@ -82,7 +75,7 @@ def test_a_model_that_cannot_serve_leaves_the_old_server(tracking_uri, tmp_path)
         serve(tracking_uri, "models:/echo/99", servers)
     assert status_of(servers, "echo").handle == first.handle
     assert status_of(servers, "echo").state == "serving"
-    stop_model_server(servers, "echo")
+    stop_server(servers, "echo")
 
 
 def test_stop_flow_stops_servers_of_kinds_it_was_not_asked_about(

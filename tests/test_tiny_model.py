@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from slmops.tiny_model import (
+from offline_kit.tiny_model import (
     PHI3_ADDED_TOKENS,
     TRAINED_ANSWERS,
     build_tiny_phi3,

@@ -16,6 +16,7 @@ from mlflow.models import ModelSignature, infer_signature
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 import tasks.validation as validation
+from offline_kit.tiny_model import TRAINED_ANSWERS
 from slmops.config import GenerationSpec, OnnxExportSpec, WrapperKind
 from slmops.expectations import (
     OutputSuiteSpec,
@@ -35,7 +36,6 @@ from slmops.signatures import (
     expected_signature,
     signature_diff,
 )
-from slmops.tiny_model import TRAINED_ANSWERS
 from tasks.mlflow_models import (
     experiment_id,
     use_tracking_uri,

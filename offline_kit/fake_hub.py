@@ -669,7 +669,7 @@ def serve_embedded(
         progress: hears about the first-run build of the repos.
     """
     # Imported here: building the repos needs torch, which serving a folder does not.
-    from slmops.embedded import ensure_embedded_repos
+    from offline_kit.embedded import ensure_embedded_repos
 
     with FakeHub(ensure_embedded_repos(Path(cache_root), progress), faults=faults) as hub:
         yield hub

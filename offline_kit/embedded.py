@@ -1,7 +1,7 @@
 """The embedded default: the tiny Phi-3 and its ONNX release, laid out as the hub repos are.
 
 `ensure_embedded_repos` builds both once per builder version into a cache folder; the loopback
-fake hub (`slmops.fake_hub`) serves them as slmops/tiny-phi3 and slmops/tiny-phi3-onnx: repos of
+fake hub (`offline_kit.fake_hub`) serves them as slmops/tiny-phi3 and slmops/tiny-phi3-onnx: repos of
 their own, never mistaken for the real microsoft/Phi-3-mini-4k-instruct.
 """
 
@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from offline_kit.tiny_model import BUILDER_VERSION, ensure_tiny_phi3
 from slmops.config import (
     PHI3_ONNX_INT4_SUBFOLDER,
     TINY_PHI3_ONNX_REPO_ID,
@@ -20,7 +21,6 @@ from slmops.config import (
     OnnxExportSpec,
 )
 from slmops.onnx_builder import build_onnx_model
-from slmops.tiny_model import BUILDER_VERSION, ensure_tiny_phi3
 
 
 def ensure_embedded_repos(
