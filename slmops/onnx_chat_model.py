@@ -6,18 +6,16 @@ chat-completion dicts (one per request row) out, with real token counts and a `f
 of "stop" (end token or stop sequence) or "length" (token budget or context exhausted).
 
 Logged by path with the onnxruntime-genai model folder as the artifact `onnx_model` and
-defaults in `model_config` (`max_new_tokens`, `temperature`, `model_name`). Self-contained, like
-`onnx_prompt_model.py`: MLflow copies only this file into the model.
+defaults in `model_config` (`max_new_tokens`, `temperature`, `model_name`). Loading and
+generation come from `onnx_genai_runtime`, logged with the model (`code_paths`), as for
+`onnx_prompt_model.py`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -25,10 +23,13 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-ARTIFACT_KEY = "onnx_model"
-ONNX_URI_KEY = "onnx_model_uri"
-DEFAULT_MAX_NEW_TOKENS = 300
-DEFAULT_TEMPERATURE = 0.0
+try:  # served: the copy MLflow ships in the model's code/ folder (code_paths)
+    import onnx_genai_runtime as runtime  # type: ignore[import-not-found]
+except ImportError:  # imported from the slmops package (logging, tests)
+    from slmops import onnx_genai_runtime as runtime
+
+ARTIFACT_KEY = runtime.ARTIFACT_KEY
+ONNX_URI_KEY = runtime.ONNX_URI_KEY
 MAX_CHOICES = 8
 ROLES = frozenset({"system", "user", "assistant"})
 
@@ -92,42 +93,17 @@ def _stop_sequences(value: Any) -> list[str]:
     return [s for s in stops if s]
 
 
-def onnx_folder(artifacts: dict[str, str] | None, config: dict[str, Any]) -> Path:
-    """The onnxruntime-genai folder: the model's own artifact, or the release's shared one.
-
-    A release stores its ONNX folder once and both ONNX wrappers name it in `model_config`
-    (`onnx_model_uri`); for a local artifact store this resolves to the stored folder itself.
-    """
-    if artifacts and ARTIFACT_KEY in artifacts:
-        return Path(artifacts[ARTIFACT_KEY])
-    uri = config.get(ONNX_URI_KEY)
-    if not uri:
-        raise MlflowException.invalid_parameter_value(
-            f"the model has neither an '{ARTIFACT_KEY}' artifact nor an '{ONNX_URI_KEY}' in its "
-            "model_config: it cannot find its ONNX folder"
-        )
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=str(uri)))
-
-
 class OnnxChatModel(PythonModel):
     """Phi-3 on onnxruntime-genai behind the llm/v1/chat request/response contract."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        import onnxruntime_genai as og
-
         config = dict(context.model_config or {})
-        folder = onnx_folder(context.artifacts, config)
-        self._max_new_tokens = int(config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
-        self._temperature = float(config.get("temperature", DEFAULT_TEMPERATURE))
+        folder = runtime.onnx_folder(context.artifacts, config)
+        self._runtime = runtime.OnnxGenerator(folder)
+        self._max_new_tokens = int(config.get("max_new_tokens", runtime.DEFAULT_MAX_NEW_TOKENS))
+        self._temperature = float(config.get("temperature", runtime.DEFAULT_TEMPERATURE))
         self._model_name = str(config.get("model_name") or folder.name)
-        genai_config = json.loads((folder / "genai_config.json").read_text())
-        self._context_length = int(genai_config["model"]["context_length"])
-        self._model = og.Model(str(folder))
-        self._tokenizer = og.Tokenizer(self._model)
-        self._eos_ids = {int(t) for t in self._tokenizer.eos_token_ids}
-        # Shared read-only model, a fresh generator per completion; tokenizer calls serialized
-        # (not documented as thread-safe, and cheap).
-        self._tokenizer_lock = threading.Lock()
+        self._context_length = self._runtime.context_length
 
     def predict(
         self,
@@ -157,9 +133,8 @@ class OnnxChatModel(PythonModel):
             )
         if not 1 <= n <= MAX_CHOICES:
             raise _invalid(f"n must be in [1, {MAX_CHOICES}], got {n}")
-        search: dict[str, Any] = {"do_sample": temperature > 0}
+        search: dict[str, Any] = {"temperature": temperature}
         if temperature > 0:
-            search["temperature"] = temperature
             if "top_p" in request:
                 search["top_p"] = float(request["top_p"])
             if "top_k" in request:
@@ -174,11 +149,7 @@ class OnnxChatModel(PythonModel):
     def _complete(self, request: dict[str, Any]) -> dict[str, Any]:
         options = self._options(request)
         messages = _messages(request)
-        with self._tokenizer_lock:
-            prompt = self._tokenizer.apply_chat_template(
-                json.dumps(messages), add_generation_prompt=True
-            )
-            input_ids = self._tokenizer.encode(prompt)
+        input_ids = self._runtime.encode(self._runtime.chat_prompt(messages))
         if len(input_ids) >= self._context_length:
             raise _invalid(
                 f"the conversation has {len(input_ids)} tokens; the model's context is "
@@ -209,42 +180,24 @@ class OnnxChatModel(PythonModel):
             },
         }
 
-    def _generate(self, input_ids: Any, options: dict[str, Any]) -> tuple[str, str, int]:
+    def _generate(self, input_ids: list[int], options: dict[str, Any]) -> tuple[str, str, int]:
         """One completion: (text, finish_reason, tokens generated incl. the end token)."""
-        import onnxruntime_genai as og
-
-        params = og.GeneratorParams(self._model)
-        params.set_search_options(
-            max_length=min(len(input_ids) + options["max_tokens"], self._context_length),
-            **options["search"],
-        )
-        generator = og.Generator(self._model, params)
-        generator.append_tokens(input_ids)
-        new_tokens: list[int] = []
         stops: list[str] = options["stop"]
-        stopped_at: int | None = None
-        while not generator.is_done():
-            generator.generate_next_token()
-            new_tokens.append(int(generator.get_next_tokens()[0]))
-            if stops:
-                text = self._decode(new_tokens)
-                hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-                if hits:
-                    stopped_at = min(hits)
-                    break
-        del generator
-        text = self._decode(new_tokens)
-        if stopped_at is not None:
-            return text[:stopped_at], "stop", len(new_tokens)
-        ended = bool(new_tokens) and new_tokens[-1] in self._eos_ids
-        return text, "stop" if ended else "length", len(new_tokens)
 
-    def _decode(self, tokens: list[int]) -> str:
-        with self._tokenizer_lock:
-            text = self._tokenizer.decode([t for t in tokens if t not in self._eos_ids])
-        # The first new token's word-start marker decodes as a space (MLflow's transformers
-        # chat output lstrips it too).
-        return text.lstrip()
+        def hit_stop(new_tokens: list[int]) -> bool:
+            # Decoded as a whole, so a stop sequence split across tokens is still found.
+            text = self._runtime.decode(new_tokens)
+            return any(s in text for s in stops)
+
+        new_tokens = self._runtime.generate(
+            input_ids, options["max_tokens"], **options["search"], stop=hit_stop if stops else None
+        )
+        text = self._runtime.decode(new_tokens)
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if hits:
+            return text[: min(hits)], "stop", len(new_tokens)
+        ended = bool(new_tokens) and new_tokens[-1] in self._runtime.eos_ids
+        return text, "stop" if ended else "length", len(new_tokens)
 
 
 mlflow.models.set_model(OnnxChatModel())

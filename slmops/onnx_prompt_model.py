@@ -4,16 +4,14 @@ Logged by path with the onnxruntime-genai model folder as the artifact `onnx_mod
 generation options as `model_config` (`max_new_tokens`, `temperature`; 0 means greedy). The
 signature has no params, so options are fixed per logged model.
 
-The file is self-contained (mlflow, numpy, pandas, onnxruntime-genai): MLflow copies only this
-file into the model, so a server can load it without slmops installed.
+Loading and generation come from `onnx_genai_runtime`, which is logged with the model
+(`code_paths`): a server loads it without slmops installed (mlflow, numpy, pandas and
+onnxruntime-genai are all it needs).
 """
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -21,11 +19,14 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-ARTIFACT_KEY = "onnx_model"
-ONNX_URI_KEY = "onnx_model_uri"
+try:  # served: the copy MLflow ships in the model's code/ folder (code_paths)
+    import onnx_genai_runtime as runtime  # type: ignore[import-not-found]
+except ImportError:  # imported from the slmops package (logging, tests)
+    from slmops import onnx_genai_runtime as runtime
+
+ARTIFACT_KEY = runtime.ARTIFACT_KEY
+ONNX_URI_KEY = runtime.ONNX_URI_KEY
 PROMPT_COLUMN = "prompt"
-DEFAULT_MAX_NEW_TOKENS = 300
-DEFAULT_TEMPERATURE = 0.0
 
 
 def prompts_from_input(model_input: Any) -> list[str]:
@@ -64,42 +65,14 @@ def prompts_from_input(model_input: Any) -> list[str]:
     return list(values)
 
 
-def onnx_folder(artifacts: dict[str, str] | None, config: dict[str, Any]) -> Path:
-    """The onnxruntime-genai folder: the model's own artifact, or the release's shared one.
-
-    A release stores its ONNX folder once and both ONNX wrappers name it in `model_config`
-    (`onnx_model_uri`); for a local artifact store this resolves to the stored folder itself.
-    """
-    if artifacts and ARTIFACT_KEY in artifacts:
-        return Path(artifacts[ARTIFACT_KEY])
-    uri = config.get(ONNX_URI_KEY)
-    if not uri:
-        raise MlflowException.invalid_parameter_value(
-            f"the model has neither an '{ARTIFACT_KEY}' artifact nor an '{ONNX_URI_KEY}' in its "
-            "model_config: it cannot find its ONNX folder"
-        )
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=str(uri)))
-
-
 class OnnxPromptModel(PythonModel):
     """Phi-3 on onnxruntime-genai: `{prompt: string}` rows -> generated strings."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        import onnxruntime_genai as og
-
         config = dict(context.model_config or {})
-        folder = onnx_folder(context.artifacts, config)
-        self._max_new_tokens = int(config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
-        self._temperature = float(config.get("temperature", DEFAULT_TEMPERATURE))
-        genai_config = json.loads((folder / "genai_config.json").read_text())
-        self._context_length = int(genai_config["model"]["context_length"])
-        self._model = og.Model(str(folder))
-        self._tokenizer = og.Tokenizer(self._model)
-        self._eos_ids = {int(t) for t in self._tokenizer.eos_token_ids}
-        # The model is shared read-only across requests; each request gets its own generator.
-        # The tokenizer is not documented as thread-safe, and its calls are cheap, so they are
-        # serialized.
-        self._tokenizer_lock = threading.Lock()
+        self._runtime = runtime.OnnxGenerator(runtime.onnx_folder(context.artifacts, config))
+        self._max_new_tokens = int(config.get("max_new_tokens", runtime.DEFAULT_MAX_NEW_TOKENS))
+        self._temperature = float(config.get("temperature", runtime.DEFAULT_TEMPERATURE))
 
     def predict(
         self,
@@ -111,42 +84,21 @@ class OnnxPromptModel(PythonModel):
         encoded = [
             self._encode(index, p) for index, p in enumerate(prompts_from_input(model_input))
         ]
-        return [self._generate(input_ids) for input_ids in encoded]
+        return [
+            self._runtime.decode(
+                self._runtime.generate(ids, self._max_new_tokens, self._temperature)
+            )
+            for ids in encoded
+        ]
 
-    def _encode(self, index: int, prompt: str) -> Any:
-        with self._tokenizer_lock:
-            input_ids = self._tokenizer.encode(prompt)
-        if len(input_ids) >= self._context_length:
+    def _encode(self, index: int, prompt: str) -> list[int]:
+        input_ids = self._runtime.encode(prompt)
+        if len(input_ids) >= self._runtime.context_length:
             raise MlflowException.invalid_parameter_value(
                 f"prompt {index} has {len(input_ids)} tokens; the model's context is "
-                f"{self._context_length}"
+                f"{self._runtime.context_length}"
             )
         return input_ids
-
-    def _generate(self, input_ids: Any) -> str:
-        import onnxruntime_genai as og
-
-        options: dict[str, Any] = {
-            "max_length": min(len(input_ids) + self._max_new_tokens, self._context_length),
-            "do_sample": self._temperature > 0,
-        }
-        if self._temperature > 0:
-            options["temperature"] = self._temperature
-        params = og.GeneratorParams(self._model)
-        params.set_search_options(**options)
-        generator = og.Generator(self._model, params)
-        generator.append_tokens(input_ids)
-        new_tokens: list[int] = []
-        while not generator.is_done():
-            generator.generate_next_token()
-            new_tokens.append(int(generator.get_next_tokens()[0]))
-        del generator
-        text_tokens = [t for t in new_tokens if t not in self._eos_ids]
-        with self._tokenizer_lock:
-            text = self._tokenizer.decode(text_tokens)
-        # The first new token's word-start marker decodes as a space (as in transformers' output,
-        # which MLflow lstrips too).
-        return text.lstrip()
 
 
 mlflow.models.set_model(OnnxPromptModel())

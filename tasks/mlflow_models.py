@@ -30,7 +30,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run as prefect_flow_run
 
-from slmops import onnx_chat_model, onnx_prompt_model, tags
+from slmops import onnx_chat_model, onnx_genai_runtime, onnx_prompt_model, tags
 from slmops.config import GenerationSpec, OnnxExportSpec, WrapperKind, sqlite_path
 from slmops.refs import LoggedModelRef
 from slmops.signatures import expected_signature, input_example
@@ -49,6 +49,8 @@ _WRAPPER_FILES = {
     WrapperKind.PROMPT_ONNX: Path(onnx_prompt_model.__file__),
     WrapperKind.CHAT_ONNX: Path(onnx_chat_model.__file__),
 }
+# Shipped with both ONNX wrappers (MLflow `code_paths`): their loading and generation code.
+_RUNTIME_FILE = Path(onnx_genai_runtime.__file__)
 
 # MLflow's fluent logging API reads one process-wide tracking URI. Tasks that log set it for
 # the duration of one call, under this lock, so two tasks in one process writing to different
@@ -147,7 +149,7 @@ def _wrapper_code(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     # The models-from-code files are what gets logged, so they belong in the cache key beside
     # the task's own source.
     digest = hashlib.sha256()
-    for path in sorted(_WRAPPER_FILES.values()):
+    for path in sorted([*_WRAPPER_FILES.values(), _RUNTIME_FILE]):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -352,6 +354,7 @@ def _log_onnx_pyfunc(
         info = mlflow.pyfunc.log_model(
             name=kind.value,
             python_model=str(_WRAPPER_FILES[kind]),
+            code_paths=[str(_RUNTIME_FILE)],
             artifacts=None
             if onnx_artifact_uri
             else {onnx_prompt_model.ARTIFACT_KEY: str(artifact_dir)},

@@ -270,22 +270,14 @@ def _transformers_greedy(snapshot_dir: Path, prompts: Sequence[str], max_new_tok
 
 
 def _onnx_greedy(onnx_dir: Path, prompts: Sequence[str], max_new_tokens: int):
-    import onnxruntime_genai as og
+    from slmops.onnx_genai_runtime import OnnxGenerator
 
-    model = og.Model(str(onnx_dir))
-    tokenizer = og.Tokenizer(model)
+    # The loop the ONNX wrappers serve with, stopped only by an end token or the budget.
+    generator = OnnxGenerator(onnx_dir)
     results = []
     for prompt in prompts:
-        ids = tokenizer.encode(prompt)
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(ids)
-        new = []
-        while not generator.is_done():
-            generator.generate_next_token()
-            new.append(int(generator.get_next_tokens()[0]))
-        results.append(([int(i) for i in ids], new))
+        ids = generator.encode(prompt)
+        results.append((ids, generator.generate(ids, max_new_tokens)))
     return results
 
 
