@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmops.config import OnnxExportSpec
+from slmops.errors import ExplainedError
 
 GENAI_CONFIG = "genai_config.json"
 GIB = 1 << 30
@@ -51,7 +52,7 @@ AVAILABLE_FLOOR_BYTES = GIB // 2
 _POLL_S = 0.25
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(ExplainedError):
     """The model builder failed or produced no usable onnxruntime-genai folder."""
 
 
