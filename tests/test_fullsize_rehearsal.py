@@ -27,6 +27,7 @@ from offline_kit.twin_model import (
 )
 from slmops.config import (
     PHI3_ONNX_INT4_SUBFOLDER,
+    GateSpec,
     GenerationSpec,
     HubSpec,
     ModelServerSpec,
@@ -191,6 +192,7 @@ def twin_release(twin, tmp_path_factory, prefect_harness):
         onnx=OnnxExportSpec(source="hub"),
         generation=GenerationSpec(max_new_tokens=4),
         validation=ValidationSpec(reference_answers=False),  # random weights: structure only
+        gate=GateSpec(min_score=0.0),  # random weights answer noise: no quality floor
         registry=RegistrySpec(name_prefix="phi3-mini-twin"),
         serve=ServeSpec(kinds=(WrapperKind.CHAT_TRANSFORMERS, WrapperKind.PROMPT_ONNX),
                         front_door=False),
