@@ -72,13 +72,13 @@ def child(kind: WrapperKind, size: str, root: Path) -> dict[str, Any]:
     """Runs in the child process: import everything, then log once and measure."""
     import resource
 
-    import mlflow
     import onnxruntime_genai  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
     from prefect.logging import disable_run_logger
 
     from slmops.config import GenerationSpec, OnnxExportSpec
+    from slmops.store import ModelStore
     from tasks.mlflow_models import log_chat_pipeline, log_onnx_prompt_model
 
     if size == "mid":
@@ -104,11 +104,11 @@ def child(kind: WrapperKind, size: str, root: Path) -> dict[str, Any]:
     else:
         weights = _tree_bytes(onnx_dir)
 
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    store = ModelStore(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     generation = GenerationSpec(max_new_tokens=max_new_tokens)
     source = {"repo_id": f"slmops-bench/phi3-{size}", "commit": "0" * 40}
     # Create the store's tables first: a one-off cost of a new store, not of logging.
-    mlflow.MlflowClient(tracking_uri).search_experiments()
+    store.client().search_experiments()
 
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     _reset_peak_rss()
@@ -117,10 +117,10 @@ def child(kind: WrapperKind, size: str, root: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     with disable_run_logger():
         if kind is WrapperKind.CHAT_TRANSFORMERS:
-            ref = log_chat_pipeline.fn(tracking_uri, "bench", hf_dir, generation, source)
+            ref = log_chat_pipeline.fn(store, "bench", hf_dir, generation, source)
         else:
             ref = log_onnx_prompt_model.fn(
-                tracking_uri, "bench", onnx_dir, generation, OnnxExportSpec(), source
+                store, "bench", onnx_dir, generation, OnnxExportSpec(), source
             )
     wall = time.perf_counter() - t0
     io_after = _io_counters()

@@ -20,6 +20,7 @@ import httpx
 
 from benchmarks.sandbox import ReleaseSandbox
 from slmops.config import GenerationSpec, OnnxExportSpec, WrapperKind
+from slmops.store import ModelStore
 
 MIDSIZE_MAX_NEW_TOKENS = 32
 
@@ -30,15 +31,14 @@ class ServedModel:
     kind: WrapperKind
     url: str
     model_uri: str
-    tracking_uri: str
+    store: ModelStore
     max_new_tokens: int  # what the logged model generates per request
 
     def folder(self) -> Path:
         """The served model's files on local disk (the local artifact store: no copy)."""
         import mlflow
-        from mlflow import MlflowClient
 
-        client = MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
+        client = self.store.client()
         ref = self.model_uri.removeprefix("models:/")
         if ref.startswith("m-"):
             model_id = ref
@@ -50,7 +50,7 @@ class ServedModel:
         location = client.get_logged_model(model_id).artifact_location
         return Path(
             mlflow.artifacts.download_artifacts(
-                artifact_uri=location, tracking_uri=self.tracking_uri
+                artifact_uri=location, tracking_uri=self.store.tracking_uri
             )
         )
 
@@ -79,7 +79,7 @@ def release_models(sandbox: ReleaseSandbox) -> list[ServedModel]:
     from flows.release import load_config
 
     config = load_config(str(_deployment()))
-    tracking_uri = f"sqlite:///{sandbox.home / 'mlflow.db'}"
+    store = ModelStore(tracking_uri=f"sqlite:///{sandbox.home / 'mlflow.db'}")
     models = []
     for handle in sorted(sandbox.server_handles(), key=lambda h: h.name):
         models.append(
@@ -88,7 +88,7 @@ def release_models(sandbox: ReleaseSandbox) -> list[ServedModel]:
                 kind=handle.kind,
                 url=handle.url,
                 model_uri=handle.model_uri,
-                tracking_uri=tracking_uri,
+                store=store,
                 max_new_tokens=config.generation.max_new_tokens,
             )
         )
@@ -103,7 +103,7 @@ def _deployment() -> Path:
 
 
 def log_midsize(
-    tracking_uri: str, kind: WrapperKind, max_new_tokens: int = MIDSIZE_MAX_NEW_TOKENS
+    store: ModelStore, kind: WrapperKind, max_new_tokens: int = MIDSIZE_MAX_NEW_TOKENS
 ) -> str:
     """Log the mid-size model as `kind` with the project's task; return its model URI."""
     from prefect.logging import disable_run_logger
@@ -116,12 +116,10 @@ def log_midsize(
     source = {"repo_id": "slmops-bench/phi3-mid", "commit": "0" * 40}
     with disable_run_logger():
         if kind is WrapperKind.CHAT_TRANSFORMERS:
-            ref = log_chat_pipeline.fn(
-                tracking_uri, "bench", model.hf_dir, generation, dict(source)
-            )
+            ref = log_chat_pipeline.fn(store, "bench", model.hf_dir, generation, dict(source))
         elif kind is WrapperKind.PROMPT_ONNX:
             ref = log_onnx_prompt_model.fn(
-                tracking_uri,
+                store,
                 "bench",
                 model.onnx_int4_dir,
                 generation,
@@ -142,12 +140,12 @@ def serving_midsize(
     from tasks.serving import _free_port, launch_server, terminate
 
     root = Path(tempfile.mkdtemp(prefix="slmops-bench-mid-"))
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    store = ModelStore(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     handles: list[Any] = []
     try:
         models = []
         for kind in kinds:
-            uri = log_midsize(tracking_uri, kind, max_new_tokens)
+            uri = log_midsize(store, kind, max_new_tokens)
             handle = launch_server(
                 uri,
                 f"mid-{kind.value}",
@@ -155,7 +153,7 @@ def serving_midsize(
                 "127.0.0.1",
                 _free_port("127.0.0.1"),
                 root / "servers",
-                tracking_uri,
+                store,
                 300.0,
             )
             handles.append(handle)
@@ -165,7 +163,7 @@ def serving_midsize(
                     kind=kind,
                     url=handle.url,
                     model_uri=uri,
-                    tracking_uri=tracking_uri,
+                    store=store,
                     max_new_tokens=max_new_tokens,
                 )
             )

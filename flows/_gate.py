@@ -8,6 +8,7 @@ from slmops.config import ReleaseConfig, Settings, WrapperKind
 from slmops.eval_sets import EvalSet
 from slmops.gate import Evaluation, GateDecision, changed_answers, decide
 from slmops.refs import LoggedModelRef, ModelVersionRef
+from slmops.store import ModelStore
 from tasks.evaluation import (
     evaluate_champion,
     evaluate_model,
@@ -31,14 +32,14 @@ def judge_challenger(
 
     The decision is None when the version already is the champion (an unchanged re-run).
     """
-    uri, measure_memory = settings.tracking_uri, config.evaluation.measure_memory
-    challenger = evaluate_model(uri, ref, eval_set, measure_memory)
-    record_evaluation(uri, version, challenger)
-    champion_ref = champion_version(uri, version.name)
+    store, measure_memory = ModelStore.from_settings(settings), config.evaluation.measure_memory
+    challenger = evaluate_model(store, ref, eval_set, measure_memory)
+    record_evaluation(store, version, challenger)
+    champion_ref = champion_version(store, version.name)
     if champion_ref is not None and champion_ref.version == version.version:
         return challenger, None
     champion = (
-        evaluate_champion(uri, champion_ref, ref.kind, eval_set, measure_memory)
+        evaluate_champion(store, champion_ref, ref.kind, eval_set, measure_memory)
         if champion_ref is not None
         else None
     )
@@ -49,7 +50,7 @@ def judge_challenger(
         champion_version=champion_ref.version if champion_ref else None,
         force=config.force_promotion,
     )
-    record_gate_decision(uri, version, ref, decision, config.promote_reason)
+    record_gate_decision(store, version, ref, decision, config.promote_reason)
     publish_table(
         f"{version.name}-gate",
         [check.model_dump() for check in decision.checks],
@@ -58,7 +59,7 @@ def judge_challenger(
     if champion is not None:
         publish_table(
             f"{version.name}-changed-answers",
-            changed_answers(item_results(uri, champion), item_results(uri, challenger)),
+            changed_answers(item_results(store, champion), item_results(store, challenger)),
             f"Items answered differently by {version.uri} and champion v{decision.champion_version}",
         )
     return challenger, decision
@@ -77,4 +78,4 @@ def compare_wrapper_answers(
         if kind is not WrapperKind.CHAT_TRANSFORMERS
     ]
     if reference is not None and others:
-        log_answer_agreement(settings.tracking_uri, reference, others)
+        log_answer_agreement(ModelStore.from_settings(settings), reference, others)

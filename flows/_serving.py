@@ -8,6 +8,7 @@ from prefect import get_run_logger
 
 from slmops.config import ModelServerSpec, RegistrySpec, ServeSpec, Settings, WrapperKind
 from slmops.families import PHI3
+from slmops.store import ModelStore
 from tasks.registry import champion_version
 from tasks.reporting import publish_link
 from tasks.serving import ServeResult, ServingError, serve_front_door, serve_model
@@ -35,13 +36,14 @@ def serve_champions(
         require_champion: fail on a model without a champion, instead of skipping it.
     """
     logger = get_run_logger()
+    store = ModelStore.from_settings(settings)
     served: dict[WrapperKind, ServeResult] = {}
     wanted = set(serve.kinds if kinds is None else kinds)
     for kind in serve.kinds:
         if kind not in wanted:
             continue
         name = registry.model_name(kind)
-        if champion_version(settings.tracking_uri, name) is None:
+        if champion_version(store, name) is None:
             if require_champion:
                 raise ServingError(f"{name} has no champion version to serve; run a release first")
             logger.warning("%s has no Production version: nothing to serve", name)
@@ -49,7 +51,7 @@ def serve_champions(
         spec = ModelServerSpec.from_serve(
             serve, f"models:/{name}@champion", name, kind, PHI3.smoke_question
         )
-        result = serve_model(spec, settings.servers_dir, settings.tracking_uri)
+        result = serve_model(spec, settings.servers_dir, store)
         served[kind] = result
         publish_link(
             f"{name}-endpoint",

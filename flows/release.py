@@ -25,6 +25,7 @@ from slmops.reports import (
     release_markdown,
     validation_row,
 )
+from slmops.store import ModelStore
 from slmops.tags import version_tags
 from tasks.hub import fetch_model_snapshot, fetch_onnx_release
 from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
@@ -83,13 +84,14 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
     settle_killed_releases(settings.home)
     with (
         task_results_under(settings.task_results_dir),
-        release_lease(settings.home, flow_run.id, settings.tracking_uri),
+        release_lease(settings.home, flow_run.id, ModelStore.from_settings(settings)),
     ):
         return _release(config, settings)
 
 
 def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
     eval_set = load_eval_set(config.evaluation.eval_set)  # a malformed set fails before any work
+    store = ModelStore.from_settings(settings)
     with connect_hub(config.hub, settings) as hub:
         snapshot = fetch_model_snapshot(config.hub, hub)
         if config.onnx.source == "hub":
@@ -103,7 +105,7 @@ def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
             snapshot.path, OnnxExportSpec(precision="fp32"), settings.cache_dir / "onnx"
         )
         parity = compare_runtimes(
-            snapshot.path, fp32_dir, tracking_uri=settings.tracking_uri,
+            snapshot.path, fp32_dir, store=store,
             run_id=logged[WrapperKind.PROMPT_ONNX].run_id,
         )  # fmt: skip
 
@@ -126,7 +128,7 @@ def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
             outcomes[kind] = outcomes[kind].with_serving(result.handle.url, result.answer)
 
     report = ReleaseReport(
-        repo_id=snapshot.repo_id, commit=snapshot.commit, tracking_uri=settings.tracking_uri,
+        repo_id=snapshot.repo_id, commit=snapshot.commit, tracking_uri=store.tracking_uri,
         outcomes=tuple(o.outcome for o in outcomes.values()),
     )  # fmt: skip
     publish_markdown(
@@ -173,18 +175,18 @@ def log_wrappers(
 ) -> dict[WrapperKind, LoggedModelRef]:
     """Log the three wrappers of one snapshot (each a cached task)."""
     source = {"repo_id": snapshot.repo_id, "revision": snapshot.revision, "commit": snapshot.commit}
-    uri, generation = settings.tracking_uri, config.generation
+    store, generation = ModelStore.from_settings(settings), config.generation
     # One stored copy of the ONNX folder per release, which both ONNX wrappers reference.
-    onnx_store = store_onnx_folder(uri, EXPERIMENT, onnx_dir, config.onnx, source).artifact_uri
+    onnx_uri = store_onnx_folder(store, EXPERIMENT, onnx_dir, config.onnx, source).artifact_uri
     return {
         WrapperKind.CHAT_TRANSFORMERS: log_chat_pipeline(
-            uri, EXPERIMENT, snapshot.path, generation, source
+            store, EXPERIMENT, snapshot.path, generation, source
         ),
         WrapperKind.PROMPT_ONNX: log_onnx_prompt_model(
-            uri, EXPERIMENT, onnx_dir, generation, config.onnx, source, onnx_store
+            store, EXPERIMENT, onnx_dir, generation, config.onnx, source, onnx_uri
         ),
         WrapperKind.CHAT_ONNX: log_onnx_chat_model(
-            uri, EXPERIMENT, onnx_dir, generation, config.onnx, source, onnx_store
+            store, EXPERIMENT, onnx_dir, generation, config.onnx, source, onnx_uri
         ),
     }
 
@@ -217,15 +219,15 @@ def release_wrapper(
 ) -> WrapperStep:
     """Validate one logged wrapper, register it, judge it at the promotion gate, and promote it
     if it passed both (or the gate was forced)."""
-    kind = ref.kind
+    kind, store = ref.kind, ModelStore.from_settings(settings)
     if config.serve.enabled:
         # Validation loads the new version beside the running servers: memory-safe order.
         make_room_for_model(
             ref.model_uri, config.registry.model_name(kind), settings.servers_dir,
-            settings.tracking_uri, config.serve.memory_budget_gb,
+            store, config.serve.memory_budget_gb,
         )  # fmt: skip
     report = validate_model(
-        settings.tracking_uri, ref, known_answers=config.validation.reference_answers,
+        store, ref, known_answers=config.validation.reference_answers,
         parity=parity if kind is not WrapperKind.CHAT_TRANSFORMERS else None,
     )  # fmt: skip
     name = config.registry.model_name(kind)
@@ -235,7 +237,7 @@ def release_wrapper(
     tags = version_tags(
         snapshot.repo_id, snapshot.commit, onnx_options, report.passed, report.summary()
     )
-    version = register_version(settings.tracking_uri, ref.model_uri, name, tags, settings.lock_dir)
+    version = register_version(store, ref.model_uri, name, tags, settings.lock_dir)
     promoted = False
     evaluation, decision = (
         judge_challenger(config, settings, eval_set, ref, version)
@@ -251,14 +253,14 @@ def release_wrapper(
             )
         elif decision is not None:
             reason = f"{reason}, promotion gate passed"
-        promotion = promote_version(settings.tracking_uri, version, reason, settings.lock_dir)
+        promotion = promote_version(store, version, reason, settings.lock_dir)
         promoted = True
         publish_table(
             f"{name}-registry-moves",
             [e.model_dump() for e in promotion.audit],
             f"Stage and alias moves of {name}",
         )
-    champion = champion_version(settings.tracking_uri, name)
+    champion = champion_version(store, name)
     outcome = WrapperOutcome(
         kind=kind,
         registered_model=name,

@@ -7,6 +7,7 @@ from prefect import flow, get_run_logger
 from flows._runtime import run_from_command_line
 from flows._serving import serve_champions
 from slmops.config import RegistrySpec, RollbackConfig, Settings, WrapperKind
+from slmops.store import ModelStore
 from tasks.registry import ModelVersionRef, PromotionReport, rollback_version
 from tasks.reporting import publish_table
 
@@ -22,7 +23,9 @@ def rollback(config: RollbackConfig) -> PromotionReport:
     settings = Settings.from_env()
     name = config.registry.model_name(config.kind)
     ref = ModelVersionRef(name=name, version=config.version)
-    report = rollback_version(settings.tracking_uri, ref, config.reason, settings.lock_dir)
+    report = rollback_version(
+        ModelStore.from_settings(settings), ref, config.reason, settings.lock_dir
+    )
     publish_table(
         "rollback-audit", [e.model_dump() for e in report.audit], f"Registry moves of {name}"
     )

@@ -12,11 +12,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
+
+from slmops.store import ModelStore
 
 _log = logging.getLogger(__name__)
 
@@ -100,9 +101,9 @@ class WhileResultIsLive(CachePolicy):
         return None  # give up caching rather than loop forever
 
 
-def logged_model_exists(tracking_uri: str, model_id: str) -> bool:
-    """Whether `model_id` is a live LoggedModel (with its run) in the store at `tracking_uri`."""
-    client = MlflowClient(tracking_uri)
+def logged_model_exists(store: ModelStore, model_id: str) -> bool:
+    """Whether `model_id` is a live LoggedModel (with its run) in `store`."""
+    client = store.client()
     try:
         model = client.get_logged_model(model_id)
         if model.source_run_id:
@@ -114,9 +115,9 @@ def logged_model_exists(tracking_uri: str, model_id: str) -> bool:
     return str(getattr(model, "status", "")).upper().endswith("READY")
 
 
-def run_exists(tracking_uri: str, run_id: str) -> bool:
-    """Whether `run_id` is an active run in the store at `tracking_uri`."""
+def run_exists(store: ModelStore, run_id: str) -> bool:
+    """Whether `run_id` is an active run in `store`."""
     try:
-        return MlflowClient(tracking_uri).get_run(run_id).info.lifecycle_stage == "active"
+        return store.client().get_run(run_id).info.lifecycle_stage == "active"
     except MlflowException:
         return False

@@ -29,7 +29,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mlflow import MlflowClient
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.exceptions import MissingContextError
@@ -41,8 +40,8 @@ from slmops.eval_sets import EvalItem, EvalSet
 from slmops.gate import Evaluation, GateDecision, ItemResult, summarize
 from slmops.refs import LoggedModelRef, ModelVersionRef
 from slmops.scorers import SCORER_OF, SCORERS, Check, score
+from slmops.store import ModelStore
 from tasks.caching import WhileResultIsLive, logged_model_exists, source_of
-from tasks.mlflow_models import use_tracking_uri
 from tasks.validation import local_model_dir
 
 CHECK = TypeAdapter(Check)
@@ -52,7 +51,7 @@ CHECK = TypeAdapter(Check)
 EVALUATION_CACHE_POLICY = WhileResultIsLive(
     base=INPUTS + TASK_SOURCE + source_of(sys.modules[__name__], scorers, eval_sets, gate),
     is_live=lambda result, inputs: logged_model_exists(
-        inputs["tracking_uri"], inputs["model_ref"].model_id
+        inputs["store"], inputs["model_ref"].model_id
     ),
 )
 
@@ -167,7 +166,7 @@ def mlflow_scorers() -> list[Any]:
 
 
 def _score_with_mlflow(
-    tracking_uri: str,
+    store: ModelStore,
     model_ref: LoggedModelRef,
     items: Sequence[EvalItem],
     predictions: Sequence[Prediction],
@@ -184,7 +183,7 @@ def _score_with_mlflow(
         for item, prediction in zip(items, predictions, strict=True)
     ]
     with (
-        use_tracking_uri(tracking_uri),
+        store.activated(),
         _one_worker(),
         mlflow.start_run(run_id=model_ref.run_id),
         contextlib.redirect_stdout(sys.stderr),  # its progress bar and banner are not our output
@@ -224,7 +223,7 @@ def _score_with_mlflow(
 
 @task(cache_policy=EVALUATION_CACHE_POLICY, persist_result=True)
 def evaluate_model(
-    tracking_uri: str,
+    store: ModelStore,
     model_ref: LoggedModelRef,
     eval_set: EvalSet,
     measure_memory: bool = False,
@@ -232,14 +231,14 @@ def evaluate_model(
     """Predict and score the set's items with one logged model; log the results on its run.
 
     Args:
-        tracking_uri: MLflow tracking store holding the model.
+        store: the MLflow store holding the model.
         model_ref: the logged model.
         eval_set: the loaded evaluation set (its content is part of the cache key).
         measure_memory: predict in a fresh process and record its peak RSS.
     """
     kind = model_ref.kind
     items = eval_set.for_kind(kind)
-    folder = local_model_dir(tracking_uri, model_ref)
+    folder = local_model_dir(store, model_ref)
     started = time.perf_counter()
     peak_rss_mb: float | None = None
     if measure_memory:
@@ -247,9 +246,9 @@ def evaluate_model(
     else:
         predictions = predict_items(folder, kind, items)
     predicted = time.perf_counter()
-    results = _score_with_mlflow(tracking_uri, model_ref, items, predictions)
+    results = _score_with_mlflow(store, model_ref, items, predictions)
 
-    client = MlflowClient(tracking_uri)
+    client = store.client()
     artifact = f"evaluation/{eval_set.name}/{kind.value}/items.json"
     client.log_dict(model_ref.run_id, {"items": [r.model_dump() for r in results]}, artifact)
     evaluation = summarize(
@@ -279,20 +278,20 @@ def evaluate_model(
     return evaluation
 
 
-def item_results(tracking_uri: str, evaluation: Evaluation) -> list[ItemResult]:
+def item_results(store: ModelStore, evaluation: Evaluation) -> list[ItemResult]:
     """The per-item results behind an evaluation (from its run's artifact)."""
     import mlflow
 
     if not evaluation.items_artifact:
         return []
-    with use_tracking_uri(tracking_uri):
+    with store.activated():
         loaded = mlflow.artifacts.load_dict(evaluation.items_artifact)
     return [ItemResult.model_validate(item) for item in loaded["items"]]
 
 
-def record_evaluation(tracking_uri: str, version: ModelVersionRef, evaluation: Evaluation) -> None:
+def record_evaluation(store: ModelStore, version: ModelVersionRef, evaluation: Evaluation) -> None:
     """Keep the evaluation on the registered version, where a later release finds it."""
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = store.client()
     client.set_model_version_tag(
         version.name,
         str(version.version),
@@ -302,10 +301,10 @@ def record_evaluation(tracking_uri: str, version: ModelVersionRef, evaluation: E
 
 
 def recorded_evaluation(
-    tracking_uri: str, version: ModelVersionRef, eval_set: EvalSet
+    store: ModelStore, version: ModelVersionRef, eval_set: EvalSet
 ) -> Evaluation | None:
     """The version's recorded evaluation on this set (same content), if there is one."""
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = store.client()
     found = client.get_model_version(version.name, str(version.version))
     raw = (found.tags or {}).get(tags.evaluation_tag(eval_set.name))
     if raw is None:
@@ -316,7 +315,7 @@ def recorded_evaluation(
 
 @task
 def evaluate_champion(
-    tracking_uri: str,
+    store: ModelStore,
     champion: ModelVersionRef,
     kind: WrapperKind,
     eval_set: EvalSet,
@@ -324,10 +323,10 @@ def evaluate_champion(
 ) -> Evaluation:
     """The champion's evaluation on `eval_set`: the one recorded on its version, or a new one
     (then recorded there, so the next release reuses it)."""
-    recorded = recorded_evaluation(tracking_uri, champion, eval_set)
+    recorded = recorded_evaluation(store, champion, eval_set)
     if recorded is not None and (recorded.peak_rss_mb is not None or not measure_memory):
         return recorded
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = store.client()
     version = client.get_model_version(champion.name, str(champion.version))
     model_id = version.model_id or str(version.source).removeprefix("models:/")
     if not model_id.startswith("m-") or not version.run_id:
@@ -335,14 +334,14 @@ def evaluate_champion(
     ref = LoggedModelRef(
         model_uri=f"models:/{model_id}", run_id=version.run_id, kind=kind, model_id=model_id
     )
-    evaluation = evaluate_model.fn(tracking_uri, ref, eval_set, measure_memory)
-    record_evaluation(tracking_uri, champion, evaluation)
+    evaluation = evaluate_model.fn(store, ref, eval_set, measure_memory)
+    record_evaluation(store, champion, evaluation)
     return evaluation
 
 
 @task
 def record_gate_decision(
-    tracking_uri: str,
+    store: ModelStore,
     version: ModelVersionRef,
     model_ref: LoggedModelRef,
     decision: GateDecision,
@@ -351,13 +350,13 @@ def record_gate_decision(
     """The decision and its evidence: tags on the version, metrics and tags on the run.
 
     Args:
-        tracking_uri: MLflow tracking and registry store.
+        store: the MLflow store holding the run and the registered version.
         version: the challenger's registered version.
         model_ref: its logged model (the run the metrics go on).
         decision: the gate's decision.
         override_reason: why a forced promotion was forced (recorded when `decision.forced`).
     """
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = store.client()
     version_tags = {
         tags.GATE: decision.verdict,
         tags.GATE_SUMMARY: decision.summary()[: tags.MAX_VALUE_CHARS],
@@ -392,15 +391,15 @@ def record_gate_decision(
 
 @task
 def log_answer_agreement(
-    tracking_uri: str, reference: Evaluation, others: list[tuple[LoggedModelRef, Evaluation]]
+    store: ModelStore, reference: Evaluation, others: list[tuple[LoggedModelRef, Evaluation]]
 ) -> dict[str, float | None]:
     """Log on each other model's run how often its answers equal the reference wrapper's on the
     same items (`eval.agreement_with_transformers`): what int4 and the ONNX runtime changed."""
-    reference_items = item_results(tracking_uri, reference)
-    client = MlflowClient(tracking_uri)
+    reference_items = item_results(store, reference)
+    client = store.client()
     agreements: dict[str, float | None] = {}
     for model_ref, evaluation in others:
-        agreement = gate.answer_agreement(reference_items, item_results(tracking_uri, evaluation))
+        agreement = gate.answer_agreement(reference_items, item_results(store, evaluation))
         agreements[model_ref.model_uri] = agreement
         if agreement is not None:
             client.log_metric(

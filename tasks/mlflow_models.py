@@ -15,7 +15,6 @@ import json
 import logging
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -31,9 +30,10 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run as prefect_flow_run
 
 from slmops import onnx_chat_model, onnx_genai_runtime, onnx_prompt_model, tags
-from slmops.config import GenerationSpec, OnnxExportSpec, WrapperKind, sqlite_path
+from slmops.config import GenerationSpec, OnnxExportSpec, WrapperKind
 from slmops.refs import LoggedModelRef
 from slmops.signatures import expected_signature, input_example
+from slmops.store import ModelStore
 from tasks.caching import WhileResultIsLive, logged_model_exists
 from tasks.inplace_logging import log_transformers_in_place
 from tasks.onnx_export import validate_onnx_folder
@@ -51,11 +51,6 @@ _WRAPPER_FILES = {
 }
 # Shipped with both ONNX wrappers (MLflow `code_paths`): their loading and generation code.
 _RUNTIME_FILE = Path(onnx_genai_runtime.__file__)
-
-# MLflow's fluent logging API reads one process-wide tracking URI. Tasks that log set it for
-# the duration of one call, under this lock, so two tasks in one process writing to different
-# stores cannot interleave.
-_TRACKING_LOCK = threading.RLock()
 _log = logging.getLogger(__name__)
 
 
@@ -63,33 +58,15 @@ class SnapshotError(ValueError):
     """The snapshot folder is not a Hugging Face causal language model."""
 
 
-@contextlib.contextmanager
-def use_tracking_uri(tracking_uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API at `tracking_uri` for one block, then restore the previous URI."""
-    with _TRACKING_LOCK:
-        previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-        mlflow.set_tracking_uri(tracking_uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None unsets it
-
-
-def default_artifact_location(tracking_uri: str) -> str | None:
-    """Artifacts of a SQLite store go beside its database (MLflow's default is ./mlruns of the
-    current directory, wherever the process happens to run)."""
-    db_path = sqlite_path(tracking_uri)
-    return (db_path.parent / "mlartifacts").as_uri() if db_path is not None else None
-
-
-def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+def experiment_id(store: ModelStore, name: str) -> str:
+    """The id of experiment `name` in `store`, created (artifacts at the store's default
+    location) if absent."""
+    client = store.client()
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(
-            name, artifact_location=default_artifact_location(tracking_uri)
-        )
+        return client.create_experiment(name, artifact_location=store.artifact_location)
     except MlflowException:  # created concurrently
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -157,7 +134,7 @@ def _wrapper_code(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 # Reused only while the logged model it returned is still in the store.
 LOG_CACHE_POLICY = WhileResultIsLive(
     base=INPUTS + TASK_SOURCE + CachePolicy.from_cache_key_fn(_wrapper_code),
-    is_live=lambda ref, inputs: logged_model_exists(inputs["tracking_uri"], ref.model_id),
+    is_live=lambda ref, inputs: logged_model_exists(inputs["store"], ref.model_id),
 )
 _TASK_OPTIONS: dict[str, Any] = dict(
     cache_policy=LOG_CACHE_POLICY,
@@ -170,7 +147,7 @@ _TASK_OPTIONS: dict[str, Any] = dict(
 
 @contextlib.contextmanager
 def candidate_run(
-    tracking_uri: str,
+    store: ModelStore,
     experiment: str,
     kind: WrapperKind,
     params: Mapping[str, Any],
@@ -181,9 +158,9 @@ def candidate_run(
     On failure the run ends FAILED, is tagged non-candidate with the reason, and the
     LoggedModels it produced are deleted.
     """
-    client = MlflowClient(tracking_uri)
-    with use_tracking_uri(tracking_uri):
-        exp_id = experiment_id(client, experiment, tracking_uri)
+    client = store.client()
+    with store.activated():
+        exp_id = experiment_id(store, experiment)
         run = client.create_run(
             exp_id,
             run_name=f"log-{kind.value}",
@@ -241,7 +218,7 @@ def _ref(info: Any, run_id: str, kind: WrapperKind) -> LoggedModelRef:
 
 @task(**_TASK_OPTIONS)
 def log_chat_pipeline(
-    tracking_uri: str,
+    store: ModelStore,
     experiment: str,
     snapshot_dir: Path,
     generation: GenerationSpec,
@@ -253,7 +230,7 @@ def log_chat_pipeline(
     hub reference would make the model unusable offline.
 
     Args:
-        tracking_uri: MLflow tracking store.
+        store: the MLflow store to log into.
         experiment: experiment name (created if absent).
         snapshot_dir: Hugging Face snapshot folder of a causal LM.
         generation: defaults baked into the model config.
@@ -264,7 +241,7 @@ def log_chat_pipeline(
     architecture = check_causal_lm(snapshot_dir)
     params = {**_source_params(source), **_generation_params(generation)}
     params["architecture"] = architecture
-    with candidate_run(tracking_uri, experiment, kind, params, _source_tags(source)) as run_id:
+    with candidate_run(store, experiment, kind, params, _source_tags(source)) as run_id:
         import transformers
 
         # add_bos_token=False: the tokenizer config says so, but transformers 5 keeps the BOS
@@ -321,7 +298,7 @@ def resolved_folder(folder: Path) -> Iterator[Path]:
 
 def _log_onnx_pyfunc(
     kind: WrapperKind,
-    tracking_uri: str,
+    store: ModelStore,
     experiment: str,
     onnx_dir: Path,
     generation: GenerationSpec,
@@ -346,7 +323,7 @@ def _log_onnx_pyfunc(
         model_config[onnx_prompt_model.ONNX_URI_KEY] = onnx_artifact_uri
         params["onnx.artifact_uri"] = onnx_artifact_uri
     with (
-        candidate_run(tracking_uri, experiment, kind, params, _source_tags(source)) as run_id,
+        candidate_run(store, experiment, kind, params, _source_tags(source)) as run_id,
         (
             contextlib.nullcontext(onnx_dir) if onnx_artifact_uri else resolved_folder(onnx_dir)
         ) as artifact_dir,
@@ -369,7 +346,7 @@ def _log_onnx_pyfunc(
 
 @task(**_TASK_OPTIONS)
 def log_onnx_prompt_model(
-    tracking_uri: str,
+    store: ModelStore,
     experiment: str,
     onnx_dir: Path,
     generation: GenerationSpec,
@@ -380,7 +357,7 @@ def log_onnx_prompt_model(
     """Log the onnxruntime-genai folder as the `{prompt} -> string` pyfunc (models from code).
 
     Args:
-        tracking_uri: MLflow tracking store.
+        store: the MLflow store to log into.
         experiment: experiment name (created if absent).
         onnx_dir: onnxruntime-genai model folder (built, or the hub release's subfolder).
         generation: defaults baked into the model config.
@@ -390,14 +367,14 @@ def log_onnx_prompt_model(
             instead of copying `onnx_dir` into the model.
     """
     return _log_onnx_pyfunc(
-        WrapperKind.PROMPT_ONNX, tracking_uri, experiment, onnx_dir, generation, export, source,
+        WrapperKind.PROMPT_ONNX, store, experiment, onnx_dir, generation, export, source,
         onnx_artifact_uri,
     )  # fmt: skip
 
 
 @task(**_TASK_OPTIONS)
 def log_onnx_chat_model(
-    tracking_uri: str,
+    store: ModelStore,
     experiment: str,
     onnx_dir: Path,
     generation: GenerationSpec,
@@ -408,7 +385,7 @@ def log_onnx_chat_model(
     """Log the onnxruntime-genai folder as an llm/v1/chat pyfunc with the transformers signature.
 
     Args:
-        tracking_uri: MLflow tracking store.
+        store: the MLflow store to log into.
         experiment: experiment name (created if absent).
         onnx_dir: onnxruntime-genai model folder (built, or the hub release's subfolder).
         generation: defaults baked into the model config.
@@ -418,6 +395,6 @@ def log_onnx_chat_model(
             instead of copying `onnx_dir` into the model.
     """
     return _log_onnx_pyfunc(
-        WrapperKind.CHAT_ONNX, tracking_uri, experiment, onnx_dir, generation, export, source,
+        WrapperKind.CHAT_ONNX, store, experiment, onnx_dir, generation, export, source,
         onnx_artifact_uri,
     )  # fmt: skip

@@ -24,6 +24,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from slmops.config import OnnxExportSpec
+from slmops.store import ModelStore
 from tasks.mlflow_models import experiment_id
 from tasks.onnx_export import validate_onnx_folder
 
@@ -85,7 +86,7 @@ def _stored_run(client: MlflowClient, exp_id: str, digest: str) -> OnnxArtifactR
 
 @task(retries=2, retry_delay_seconds=5)
 def store_onnx_folder(
-    tracking_uri: str,
+    store: ModelStore,
     experiment: str,
     onnx_dir: Path,
     export: OnnxExportSpec,
@@ -94,15 +95,15 @@ def store_onnx_folder(
     """Store `onnx_dir` once as a run artifact (or find it stored) and return its URI.
 
     Args:
-        tracking_uri: MLflow tracking store.
+        store: the MLflow store to keep it in.
         experiment: experiment name (created if absent).
         onnx_dir: onnxruntime-genai model folder (a build, or the hub release's subfolder).
         export: how the folder was obtained (logged as params; part of the identity).
         source: `repo_id` (or `repo`) and `commit` the folder came from.
     """
     validate_onnx_folder(onnx_dir)
-    client = MlflowClient(tracking_uri)
-    exp_id = experiment_id(client, experiment, tracking_uri)
+    client = store.client()
+    exp_id = experiment_id(store, experiment)
     digest = folder_digest(onnx_dir, export, source)
     found = _stored_run(client, exp_id, digest)
     if found is not None:

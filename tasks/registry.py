@@ -25,7 +25,6 @@ from prefect import get_run_logger, task
 from prefect.context import get_run_context
 
 from slmops import tags
-from slmops.config import sqlite_path
 from slmops.errors import ExplainedError
 from slmops.promotion import (
     CHAMPION,
@@ -37,7 +36,7 @@ from slmops.promotion import (
     staging_state,
 )
 from slmops.refs import AuditEntry, ModelVersionRef, PromotionReport
-from tasks.mlflow_models import use_tracking_uri
+from slmops.store import ModelStore
 from tasks.retrying import retry_if_transient
 
 AUDIT_TAG_PREFIX = tags.AUDIT_PREFIX
@@ -60,10 +59,10 @@ def registry_lock(lock_dir: Path | None, name: str) -> Iterator[None]:
         yield
 
 
-def default_lock_dir(tracking_uri: str) -> Path | None:
+def default_lock_dir(store: ModelStore) -> Path | None:
     """`locks/` beside a SQLite store's database, which every process using the store can see
     (the release flow's `<home>/locks`); None for other stores."""
-    database = sqlite_path(tracking_uri)
+    database = store.database
     return database.parent / "locks" if database is not None else None
 
 
@@ -134,7 +133,7 @@ def reach_state(
 
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def register_version(
-    tracking_uri: str,
+    store: ModelStore,
     model_uri: str,
     name: str,
     tags: dict[str, str],
@@ -147,19 +146,19 @@ def register_version(
     the model's registry lock.
 
     Args:
-        tracking_uri: MLflow tracking and registry store.
+        store: the MLflow store holding the logged model and the registry.
         model_uri: the logged model (`models:/m-...`).
         name: registered model name (created if absent).
         tags: model version tags.
-        lock_dir: where the per-model lock lives (default: `default_lock_dir(tracking_uri)`).
+        lock_dir: where the per-model lock lives (default: `default_lock_dir(store)`).
     """
     if not model_uri.startswith("models:/m-"):
         raise ValueError(f"expected a logged model URI (models:/m-...), got {model_uri!r}")
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    locks = lock_dir if lock_dir is not None else default_lock_dir(tracking_uri)
+    client = store.client()
+    locks = lock_dir if lock_dir is not None else default_lock_dir(store)
     # MLflow resolves a `models:/m-...` source through the process-wide tracking URI, not the
     # client's (sqlalchemy_store.create_model_version), so it is pointed at this store.
-    with registry_lock(locks, name), use_tracking_uri(tracking_uri):
+    with registry_lock(locks, name), store.activated():
         with contextlib.suppress(MlflowException):
             client.create_registered_model(name)
         _claim_for_repo(client, name, tags.get(SOURCE_REPO_TAG))
@@ -228,10 +227,10 @@ def _promote(
 
 @task
 def promote_version(
-    tracking_uri: str, ref: ModelVersionRef, reason: str, lock_dir: Path
+    store: ModelStore, ref: ModelVersionRef, reason: str, lock_dir: Path
 ) -> PromotionReport:
     """None -> Staging (@challenger) -> Production (@champion), archiving the old Production."""
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = store.client()
     version = client.get_model_version(ref.name, str(ref.version))
     if (version.tags or {}).get(tags.VALIDATION_PASSED) != "true":
         raise ValueError(
@@ -250,10 +249,10 @@ def promote_version(
 
 @task
 def rollback_version(
-    tracking_uri: str, ref: ModelVersionRef, reason: str, lock_dir: Path
+    store: ModelStore, ref: ModelVersionRef, reason: str, lock_dir: Path
 ) -> PromotionReport:
     """Put an earlier version back in Production as champion, archiving the current one."""
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = store.client()
     with registry_lock(lock_dir, ref.name):
         current = read_state(client, ref.name)
         previous = current.production_version()
@@ -266,9 +265,9 @@ def rollback_version(
     )
 
 
-def audit_trail(tracking_uri: str, name: str) -> list[AuditEntry]:
+def audit_trail(store: ModelStore, name: str) -> list[AuditEntry]:
     """Every recorded stage/alias move of `name`, oldest first."""
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = store.client()
     entries = []
     for version in client.search_model_versions(f"name='{name}'"):
         for key, value in (version.tags or {}).items():
@@ -277,9 +276,9 @@ def audit_trail(tracking_uri: str, name: str) -> list[AuditEntry]:
     return sorted(entries, key=lambda e: e.at)
 
 
-def champion_version(tracking_uri: str, name: str) -> ModelVersionRef | None:
+def champion_version(store: ModelStore, name: str) -> ModelVersionRef | None:
     """The version behind `models:/name@champion`, or None if there is none yet."""
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = store.client()
     try:
         version = client.get_model_version_by_alias(name, "champion")
     except MlflowException:

@@ -20,13 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from slmops import tags
+from slmops.store import ModelStore
 
 _log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class ReleaseLease(BaseModel):
     flow_run_id: str
     pid: int
     process_started: float  # with the pid, tells this process from a later one reusing the pid
-    tracking_uri: str
+    store: ModelStore  # where the release's runs are
 
     def process_alive(self) -> bool:
         try:
@@ -67,7 +67,7 @@ def lease_dir(home: Path) -> Path:
 
 
 @contextlib.contextmanager
-def release_lease(home: Path, flow_run_id: str, tracking_uri: str) -> Iterator[ReleaseLease]:
+def release_lease(home: Path, flow_run_id: str, store: ModelStore) -> Iterator[ReleaseLease]:
     """Hold the lease of this release run for the block; it is removed on any normal exit."""
     folder = lease_dir(home)
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def release_lease(home: Path, flow_run_id: str, tracking_uri: str) -> Iterator[R
         flow_run_id=flow_run_id,
         pid=os.getpid(),
         process_started=psutil.Process().create_time(),
-        tracking_uri=tracking_uri,
+        store=store,
     )
     path = folder / f"{flow_run_id}.json"
     tmp = path.with_suffix(".tmp")
@@ -106,7 +106,7 @@ def settle_killed_releases(home: Path) -> list[SettledRelease]:
             f"release process {lease.pid} ended without finishing (killed); "
             "settled by a later slmops run"
         )
-        killed = kill_runs_of(lease.tracking_uri, lease.flow_run_id, message)
+        killed = kill_runs_of(lease.store, lease.flow_run_id, message)
         state = crash_flow_run(lease.flow_run_id, message)
         path.unlink(missing_ok=True)
         settled.append(
@@ -121,10 +121,10 @@ def settle_killed_releases(home: Path) -> list[SettledRelease]:
     return settled
 
 
-def kill_runs_of(tracking_uri: str, flow_run_id: str, message: str) -> list[str]:
+def kill_runs_of(store: ModelStore, flow_run_id: str, message: str) -> list[str]:
     """End the unfinished MLflow runs of `flow_run_id` KILLED and non-candidate; their
     LoggedModels (half-logged, never registered) are deleted. Returns the run ids."""
-    client = MlflowClient(tracking_uri)
+    client = store.client()
     try:
         experiments = [e.experiment_id for e in client.search_experiments()]
         runs = client.search_runs(

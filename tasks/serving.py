@@ -27,7 +27,6 @@ from typing import Any
 import httpx
 import psutil
 from filelock import FileLock
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict
@@ -48,6 +47,7 @@ from slmops.servers import (
     write_handle,
 )
 from slmops.serving_memory import SwitchPlan, expected_server_bytes, plan_switch
+from slmops.store import ModelStore
 
 HUB_TOKEN_VARIABLES = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
 
@@ -119,7 +119,7 @@ def launch_server(
     host: str,
     port: int,
     servers_dir: Path,
-    tracking_uri: str,
+    store: ModelStore,
     startup_timeout_s: float,
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> ServerHandle:
@@ -129,8 +129,7 @@ def launch_server(
     env = {
         # A served model is loaded from the store, never from the hub: no hub token for it.
         **{k: v for k, v in os.environ.items() if k not in HUB_TOKEN_VARIABLES},
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "MLFLOW_REGISTRY_URI": tracking_uri,
+        **store.environment(),
         # Past it a request gets a 504: Phi-3-mini in bf16 on 2 cores needs ~55 s for a
         # 32-token answer, so the default 60 s is too short for the real model.
         "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(int(request_timeout_s)),
@@ -283,12 +282,12 @@ def serving_lock(servers_dir: Path, name: str) -> Iterator[None]:
         yield
 
 
-def resolve_alias(model_uri: str, tracking_uri: str) -> str:
+def resolve_alias(model_uri: str, store: ModelStore) -> str:
     """`models:/name/<version>` for `models:/name@alias`; any other URI as it is."""
     if not model_uri.startswith("models:/") or "@" not in model_uri:
         return model_uri
     name, alias = model_uri.removeprefix("models:/").split("@", 1)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = store.client()
     return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
 
 
@@ -306,18 +305,18 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def local_model_folder(model_uri: str, tracking_uri: str) -> Path:
+def local_model_folder(model_uri: str, store: ModelStore) -> Path:
     """A model's folder on local disk: the stored one itself for a local artifact store.
 
-    Resolved with a client of `tracking_uri`: `download_artifacts("models:/...")` would ask
-    the process-wide registry, which need not be `tracking_uri`.
+    Resolved with a client of `store`: `download_artifacts("models:/...")` would ask the
+    process-wide registry, which need not be the store's.
     """
     import mlflow
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = store.client()
     location = model_uri
     if model_uri.startswith("models:/"):
-        ref = resolve_alias(model_uri, tracking_uri).removeprefix("models:/")
+        ref = resolve_alias(model_uri, store).removeprefix("models:/")
         if not ref.startswith("m-"):
             name, version = ref.rsplit("/", 1)
             found = client.get_model_version(name, version)
@@ -329,7 +328,7 @@ def local_model_folder(model_uri: str, tracking_uri: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=location))
 
 
-def model_files_bytes(model_uri: str, tracking_uri: str) -> int:
+def model_files_bytes(model_uri: str, store: ModelStore) -> int:
     """Bytes of a model's files, the shared ONNX folder it references included.
 
     For a local store this reads the stored folders in place (no download).
@@ -337,7 +336,7 @@ def model_files_bytes(model_uri: str, tracking_uri: str) -> int:
     import mlflow
     import yaml
 
-    folder = local_model_folder(model_uri, tracking_uri)
+    folder = local_model_folder(model_uri, store)
     total = _folder_bytes(folder)
     mlmodel = (
         yaml.safe_load((folder / "MLmodel").read_text()) if (folder / "MLmodel").exists() else {}
@@ -375,12 +374,12 @@ def running_servers_rss(servers_dir: Path) -> dict[str, int]:
 
 
 def plan_server_switch(
-    servers_dir: Path, name: str, model_uri: str, tracking_uri: str, budget_gb: float | None
+    servers_dir: Path, name: str, model_uri: str, store: ModelStore, budget_gb: float | None
 ) -> SwitchPlan:
     """Measure the running servers and size the new model: blue/green, stop-first or refuse."""
     running = running_servers_rss(servers_dir)
     try:
-        files = model_files_bytes(model_uri, tracking_uri)
+        files = model_files_bytes(model_uri, store)
     except MlflowException as error:  # before starting anything: the old server stays
         raise ServingError(f"{name}: cannot serve {model_uri}: {error.message}") from error
     return plan_switch(
@@ -401,8 +400,8 @@ class RoomReport(BaseModel):
     stopped: ServerHandle | None = None
 
 
-def _registered_model_ids(name: str, tracking_uri: str) -> set[str]:
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+def _registered_model_ids(name: str, store: ModelStore) -> set[str]:
+    client = store.client()
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except Exception:  # no such registered model yet
@@ -424,7 +423,7 @@ def make_room_for_model(
     model_uri: str,
     name: str,
     servers_dir: Path,
-    tracking_uri: str,
+    store: ModelStore,
     memory_budget_gb: float | None = None,
 ) -> RoomReport:
     """Before loading `model_uri` in this process (validation), make sure it fits in memory.
@@ -438,12 +437,12 @@ def make_room_for_model(
     """
     import gc
 
-    if model_uri.removeprefix("models:/") in _registered_model_ids(name, tracking_uri):
+    if model_uri.removeprefix("models:/") in _registered_model_ids(name, store):
         # Registered by an earlier run, so validated then: its validation is a cache hit
         # and loads nothing (a re-run must not stop a server for nothing).
         return RoomReport()
     gc.collect()  # the previous model validated in this process, if cycles still hold it
-    plan = plan_server_switch(servers_dir, name, model_uri, tracking_uri, memory_budget_gb)
+    plan = plan_server_switch(servers_dir, name, model_uri, store, memory_budget_gb)
     logger = get_run_logger()
     if plan.order == "refuse":
         raise ServingError(f"{name}: cannot load {model_uri} to validate it: {plan.describe()}")
@@ -459,7 +458,7 @@ def make_room_for_model(
 
 
 @task(retries=1, retry_delay_seconds=5, task_run_name="serve-{spec.name}")
-def serve_model(spec: ModelServerSpec, servers_dir: Path, tracking_uri: str) -> ServeResult:
+def serve_model(spec: ModelServerSpec, servers_dir: Path, store: ModelStore) -> ServeResult:
     """Serve `spec.model_uri` as `spec.name`: reuse a healthy server of the same URI, else
     start, check, switch.
 
@@ -472,7 +471,7 @@ def serve_model(spec: ModelServerSpec, servers_dir: Path, tracking_uri: str) -> 
     Args:
         spec: the model, its name and kind, where it is served and within what limits.
         servers_dir: where the servers' state files and logs live.
-        tracking_uri: the store the model is loaded from.
+        store: the MLflow store the model is loaded from.
     """
     logger = get_run_logger()
     name, kind, smoke_question = spec.name, spec.kind, spec.smoke_question
@@ -482,13 +481,13 @@ def serve_model(spec: ModelServerSpec, servers_dir: Path, tracking_uri: str) -> 
     with serving_lock(servers_dir, name):
         # An alias (`models:/name@champion`) is resolved only now, so the run that serves last
         # serves the alias's version as of then, whichever run moved the alias last.
-        model_uri = resolve_alias(spec.model_uri, tracking_uri)
+        model_uri = resolve_alias(spec.model_uri, store)
         current = status_of(servers_dir, name)
         if current.state == "serving" and current.handle and current.handle.model_uri == model_uri:
             answer = check_server(current.handle, smoke_question)
             logger.info("%s already serves %s on %s", name, model_uri, current.handle.url)
             return ServeResult(handle=current.handle, answer=answer, reused=True)
-        plan = plan_server_switch(servers_dir, name, model_uri, tracking_uri, spec.memory_budget_gb)
+        plan = plan_server_switch(servers_dir, name, model_uri, store, spec.memory_budget_gb)
         if plan.order == "refuse":
             raise ServingError(f"{name}: {plan.describe()}")
         old_running = current.handle is not None and is_running(current.handle)
@@ -500,7 +499,7 @@ def serve_model(spec: ModelServerSpec, servers_dir: Path, tracking_uri: str) -> 
         port = choose_port(host, spec.base_port, spec.slot, current.handle)
         try:
             handle = launch_server(
-                model_uri, name, kind, host, port, servers_dir, tracking_uri, startup_timeout_s,
+                model_uri, name, kind, host, port, servers_dir, store, startup_timeout_s,
                 spec.request_timeout_s,
             )  # fmt: skip
             try:
@@ -510,7 +509,7 @@ def serve_model(spec: ModelServerSpec, servers_dir: Path, tracking_uri: str) -> 
                 raise
         except Exception:
             if plan.order == "stop-first" and current.handle is not None and old_running:
-                _restart_replaced(current.handle, servers_dir, tracking_uri, startup_timeout_s)
+                _restart_replaced(current.handle, servers_dir, store, startup_timeout_s)
             raise
         write_handle(servers_dir, handle)
         if current.handle is not None:
@@ -527,13 +526,13 @@ def serve_model(spec: ModelServerSpec, servers_dir: Path, tracking_uri: str) -> 
 
 
 def _restart_replaced(
-    old: ServerHandle, servers_dir: Path, tracking_uri: str, startup_timeout_s: float
+    old: ServerHandle, servers_dir: Path, store: ModelStore, startup_timeout_s: float
 ) -> None:
     """Best effort after a failed stop-first switch: serve the old version again."""
     try:
         restarted = launch_server(
             old.model_uri, old.name, old.model_kind, old.host, old.port, servers_dir,
-            tracking_uri, startup_timeout_s, old.request_timeout_s,
+            store, startup_timeout_s, old.request_timeout_s,
         )  # fmt: skip
     except ServingError:
         get_run_logger().exception("%s: could not restart %s", old.name, old.model_uri)

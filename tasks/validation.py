@@ -1,6 +1,6 @@
 """Validate logged models: signature, serving example, sample outputs, and runtime parity.
 
-Every task reads the model through the given tracking URI (never MLflow's process-wide one) and
+Every task reads the model through the given store (never MLflow's process-wide one) and
 returns a small frozen report with `passed`; `validate_model` combines them into the
 `ValidationReport` the release flow promotes on. Results are written back onto the model's run:
 the great-expectations result JSON and the sample outputs as artifacts, and pass counts,
@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mlflow import MlflowClient
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.exceptions import MissingContextError
@@ -43,6 +42,7 @@ from slmops.reports import (
     ValidationReport,
 )
 from slmops.signatures import expected_signature, input_example, signature_diff
+from slmops.store import ModelStore
 from tasks.caching import WhileResultIsLive, logged_model_exists, run_exists, source_of
 
 VALIDATION_TAG = tags.VALIDATION
@@ -53,15 +53,13 @@ VALIDATION_TAG = tags.VALIDATION
 VALIDATION_CACHE_POLICY_SOURCES = source_of(sys.modules[__name__], expectations, signatures)
 VALIDATION_CACHE_POLICY = WhileResultIsLive(
     base=INPUTS + TASK_SOURCE + VALIDATION_CACHE_POLICY_SOURCES,
-    is_live=lambda report, inputs: logged_model_exists(
-        inputs["tracking_uri"], report.model.model_id
-    ),
+    is_live=lambda report, inputs: logged_model_exists(inputs["store"], report.model.model_id),
 )
 PARITY_CACHE_POLICY = WhileResultIsLive(
     base=INPUTS + TASK_SOURCE + VALIDATION_CACHE_POLICY_SOURCES,
     is_live=lambda report, inputs: (
-        not (inputs.get("tracking_uri") and inputs.get("run_id"))
-        or run_exists(inputs["tracking_uri"], inputs["run_id"])
+        not (inputs.get("store") and inputs.get("run_id"))
+        or run_exists(inputs["store"], inputs["run_id"])
     ),
 )
 
@@ -73,29 +71,29 @@ def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         return logging.getLogger(__name__)
 
 
-def local_model_dir(tracking_uri: str, model_ref: LoggedModelRef) -> Path:
+def local_model_dir(store: ModelStore, model_ref: LoggedModelRef) -> Path:
     """The model's artifacts on local disk (no copy for a local store).
 
-    Resolved through `MlflowClient(tracking_uri)`: `download_artifacts("models:/m-...",
-    tracking_uri=...)` looks the LoggedModel up in the process-wide store instead.
+    Resolved through `store.client()`: `download_artifacts("models:/m-...", tracking_uri=...)`
+    looks the LoggedModel up in the process-wide store instead.
     """
     import mlflow
 
-    location = MlflowClient(tracking_uri).get_logged_model(model_ref.model_id).artifact_location
+    location = store.client().get_logged_model(model_ref.model_id).artifact_location
     return Path(
-        mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=tracking_uri)
+        mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=store.tracking_uri)
     )
 
 
 @task
 def validate_signature(
-    tracking_uri: str, model_ref: LoggedModelRef, kind: WrapperKind | None = None
+    store: ModelStore, model_ref: LoggedModelRef, kind: WrapperKind | None = None
 ) -> SignatureReport:
     """Compare the logged signature with the one `kind` (default: the ref's kind) must have."""
     from mlflow.models import Model
 
     kind = kind or model_ref.kind
-    logged = Model.load(str(local_model_dir(tracking_uri, model_ref) / "MLmodel")).signature
+    logged = Model.load(str(local_model_dir(store, model_ref) / "MLmodel")).signature
     differences = signature_diff(expected_signature(kind), logged)
     for line in differences:
         _logger().warning("signature of %s: %s", model_ref.model_uri, line)
@@ -130,7 +128,7 @@ def _output_problem(kind: WrapperKind, output: Any) -> str | None:
 
 @task
 def validate_serving_example(
-    tracking_uri: str, model_ref: LoggedModelRef, kind: WrapperKind | None = None
+    store: ModelStore, model_ref: LoggedModelRef, kind: WrapperKind | None = None
 ) -> ServingExampleReport:
     """Replay the kind's input example as `/invocations` would and check the answer's shape."""
     from mlflow.models import convert_input_example_to_serving_input, validate_serving_input
@@ -142,7 +140,7 @@ def validate_serving_example(
             # Deprecated since MLflow 3.13 in favour of `mlflow.models.predict`, which runs the
             # model in a subprocess environment; this replays /invocations in-process.
             warnings.simplefilter("ignore", FutureWarning)
-            output = validate_serving_input(str(local_model_dir(tracking_uri, model_ref)), payload)
+            output = validate_serving_input(str(local_model_dir(store, model_ref)), payload)
     except Exception as error:  # any failure to serve the example is the finding
         return ServingExampleReport(
             kind=kind,
@@ -170,7 +168,7 @@ def _logged_max_new_tokens(folder: Path) -> int:
 
 @task
 def validate_outputs(
-    tracking_uri: str,
+    store: ModelStore,
     model_ref: LoggedModelRef,
     kind: WrapperKind | None = None,
     generation: GenerationSpec | None = None,
@@ -180,7 +178,7 @@ def validate_outputs(
     """Predict the fixed sample prompts and check them with the great-expectations suite.
 
     Args:
-        tracking_uri: MLflow tracking store holding the model.
+        store: the MLflow store holding the model.
         model_ref: the logged model.
         kind: the wrapper kind to validate as (default: the ref's kind).
         generation: the options the model was logged with; default: read from the model
@@ -191,7 +189,7 @@ def validate_outputs(
     import mlflow
 
     kind = kind or model_ref.kind
-    folder = local_model_dir(tracking_uri, model_ref)
+    folder = local_model_dir(store, model_ref)
     max_tokens = generation.max_new_tokens if generation else _logged_max_new_tokens(folder)
     samples = tuple(prompts) if prompts is not None else sample_prompts(known_answers)
     model = mlflow.pyfunc.load_model(str(folder))
@@ -212,7 +210,7 @@ def validate_outputs(
     tokens_per_s = None
     if spec.has_usage and frame["completion_tokens"].notna().all():
         tokens_per_s = float(frame["completion_tokens"].sum()) / max(sum(latencies), 1e-9)
-    client = MlflowClient(tracking_uri)
+    client = store.client()
     artifact = f"validation/{kind.value}/gx_result.json"
     client.log_dict(model_ref.run_id, outcome.result, artifact)
     client.log_dict(
@@ -297,7 +295,7 @@ def compare_runtimes(
     prompts: Sequence[str] | None = None,
     max_new_tokens: int = 32,
     min_agreement: float = 0.95,
-    tracking_uri: str | None = None,
+    store: ModelStore | None = None,
     run_id: str | None = None,
 ) -> ParityReport:
     """Greedy transformers against greedy onnxruntime-genai fp32, token by token.
@@ -311,7 +309,7 @@ def compare_runtimes(
         prompts: raw prompts (default: the sample prompts in the Phi-3 chat template).
         max_new_tokens: tokens generated per prompt.
         min_agreement: the agreement needed to pass.
-        tracking_uri: with `run_id`, where to log the agreement metrics.
+        store: with `run_id`, where to log the agreement metrics.
         run_id: the run to log them on.
     """
     prompts = list(prompts) if prompts is not None else [s.prompt() for s in sample_prompts()]
@@ -352,8 +350,8 @@ def compare_runtimes(
         "runtime parity: %d/%d tokens agree (%.3f) over %d prompts",
         agreeing, compared, agreement, len(prompts),
     )  # fmt: skip
-    if tracking_uri and run_id:
-        client = MlflowClient(tracking_uri)
+    if store is not None and run_id:
+        client = store.client()
         client.log_metric(run_id, "parity.agreement", agreement)
         client.log_metric(run_id, "parity.compared_tokens", compared)
         client.set_tag(run_id, tags.PARITY, "passed" if report.passed else "failed")
@@ -362,7 +360,7 @@ def compare_runtimes(
 
 @task(cache_policy=VALIDATION_CACHE_POLICY, persist_result=True)
 def validate_model(
-    tracking_uri: str,
+    store: ModelStore,
     model_ref: LoggedModelRef,
     generation: GenerationSpec | None = None,
     known_answers: bool = True,
@@ -371,7 +369,7 @@ def validate_model(
     """All checks for one logged model; tags its run `slmops.validation=passed|failed`.
 
     Args:
-        tracking_uri: MLflow tracking store holding the model.
+        store: the MLflow store holding the model.
         model_ref: the logged model.
         generation: the options the model was logged with (default: read from the model).
         known_answers: require the tiny model's trained answers (off for a real model).
@@ -379,14 +377,14 @@ def validate_model(
     """
     report = ValidationReport(
         model=model_ref,
-        signature=validate_signature.fn(tracking_uri, model_ref),
-        serving_example=validate_serving_example.fn(tracking_uri, model_ref),
+        signature=validate_signature.fn(store, model_ref),
+        serving_example=validate_serving_example.fn(store, model_ref),
         outputs=validate_outputs.fn(
-            tracking_uri, model_ref, generation=generation, known_answers=known_answers
+            store, model_ref, generation=generation, known_answers=known_answers
         ),
         parity=parity,
     )
-    client = MlflowClient(tracking_uri)
+    client = store.client()
     verdict = "passed" if report.passed else "failed"
     client.set_tag(model_ref.run_id, VALIDATION_TAG, verdict)
     client.set_logged_model_tags(model_ref.model_id, {VALIDATION_TAG: verdict})

@@ -14,6 +14,7 @@ from subprocess import Popen
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from slmops.store import ModelStore
     from tests.support.release_home import ReleaseHome
 
 # Before anything imports prefect or mlflow: keep their state out of ~ and stay quiet offline.
@@ -86,15 +87,17 @@ def empty_store(tmp_path_factory) -> Path:
     return database
 
 
-def new_store(folder: Path, empty_store: Path) -> str:
-    """The tracking URI of a new, empty MLflow SQLite store in `folder`."""
+def new_store(folder: Path, empty_store: Path) -> ModelStore:
+    """A new, empty MLflow SQLite store in `folder`."""
+    from slmops.store import ModelStore
+
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(empty_store, folder / "mlflow.db")
-    return f"sqlite:///{folder / 'mlflow.db'}"
+    return ModelStore(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
 
 
 @pytest.fixture(scope="session")
-def store(tmp_path_factory, empty_store) -> str:
+def store(tmp_path_factory, empty_store) -> ModelStore:
     """One MLflow SQLite store for the tests that read the `logged` wrappers (and add their own)."""
     return new_store(tmp_path_factory.mktemp("mlflow"), empty_store)
 
@@ -116,7 +119,7 @@ def logged(store, tiny_model_dir, tiny_onnx_int4_dir):
 
 
 @pytest.fixture()
-def tracking_uri(tmp_path: Path, empty_store: Path) -> str:
+def fresh_store(tmp_path: Path, empty_store: Path) -> ModelStore:
     """A fresh MLflow tracking + registry store on SQLite for one test."""
     return new_store(tmp_path, empty_store)
 
@@ -183,7 +186,7 @@ def release_started(request, tmp_path_factory) -> Iterator[tuple[ReleaseHome, Po
         with ThreadPoolExecutor() as pool:  # each waits for its process group to exit
             stops = [pool.submit(stop_server, servers, FRONT_DOOR)]
             stops += [pool.submit(stop_server, servers, n) for n in served_names(servers)]
-        for orphan in servers_of_store(home.settings.tracking_uri):
+        for orphan in servers_of_store(home.store):
             os.killpg(orphan.pid, signal.SIGKILL)
         for stop in stops:
             stop.result()

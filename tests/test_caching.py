@@ -4,7 +4,6 @@ cover the code that decides the verdict."""
 from __future__ import annotations
 
 import pytest
-from mlflow import MlflowClient
 from prefect import flow
 
 from slmops.config import GenerationSpec, OnnxExportSpec
@@ -17,12 +16,12 @@ SOURCE = {"repo": "slmops/tiny-phi3", "commit": "0123abcd"}
 
 
 def test_a_cached_logged_model_that_was_deleted_is_logged_again(
-    prefect_harness, tracking_uri, tiny_onnx_int4_dir
+    prefect_harness, fresh_store, tiny_onnx_int4_dir
 ):
     @flow(name="log-twice")
     def log_prompt_model():
         return log_onnx_prompt_model(
-            tracking_uri, "release", tiny_onnx_int4_dir, GenerationSpec(max_new_tokens=7),
+            fresh_store, "release", tiny_onnx_int4_dir, GenerationSpec(max_new_tokens=7),
             OnnxExportSpec(), SOURCE, return_state=True,
         )  # fmt: skip
 
@@ -31,7 +30,7 @@ def test_a_cached_logged_model_that_was_deleted_is_logged_again(
     assert cached.name == "Cached"
     assert cached.result().model_id == first.result().model_id
 
-    client = MlflowClient(tracking_uri)
+    client = fresh_store.client()
     client.delete_logged_model(first.result().model_id)
     again = log_prompt_model()
     assert again.name == "Completed", again

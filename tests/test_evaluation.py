@@ -7,13 +7,11 @@ import json
 import time
 
 import pytest
-from mlflow import MlflowClient
 
 from slmops.config import WrapperKind
 from slmops.eval_sets import load_eval_set
 from slmops.refs import ModelVersionRef
 from tasks.evaluation import evaluate_champion, evaluate_model, item_results, recorded_evaluation
-from tasks.mlflow_models import use_tracking_uri
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +27,7 @@ def test_the_tiny_model_passes_its_own_set(store, logged, kind):
     assert [r.id for r in results] == [i.id for i in eval_set.items]
     assert evaluation.score == 1.0, [r for r in results if not r.passed]
     assert evaluation.latency_p95_s > 0 and evaluation.peak_rss_mb is None
-    metrics = MlflowClient(store).get_run(ref.run_id).data.metrics
+    metrics = store.client().get_run(ref.run_id).data.metrics
     assert metrics["eval.score"] == 1.0 and metrics["exact_match/mean"] == 1.0
 
 
@@ -54,7 +52,7 @@ def test_memory_is_measured_in_a_fresh_process(store, logged):
     assert evaluation.score == 1.0
     # The peak of a Python process with MLflow and onnxruntime-genai loaded.
     assert evaluation.peak_rss_mb is not None and 100 < evaluation.peak_rss_mb < 4000
-    metrics = MlflowClient(store).get_run(ref.run_id).data.metrics
+    metrics = store.client().get_run(ref.run_id).data.metrics
     assert metrics["eval.peak_rss_mb"] == evaluation.peak_rss_mb
 
 
@@ -62,9 +60,9 @@ def test_a_champion_without_a_recorded_evaluation_is_evaluated_once(store, logge
     # A champion promoted before the gate existed: evaluated on first need, then reused.
     ref = logged[WrapperKind.CHAT_ONNX]
     name = "gate-test-chat-onnx"
-    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    client = store.client()
     client.create_registered_model(name)
-    with use_tracking_uri(store):
+    with store.activated():
         client.create_model_version(
             name, source=ref.model_uri, run_id=ref.run_id, model_id=ref.model_id
         )

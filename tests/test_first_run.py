@@ -24,9 +24,9 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from mlflow import MlflowClient
 
 from slmops.config import PHI3_REPO_ID, ReleaseConfig, Settings, WrapperKind
+from slmops.store import ModelStore
 from tasks.registry import SOURCE_REPO_TAG, read_state
 
 pytestmark = pytest.mark.e2e
@@ -72,10 +72,10 @@ def stop_servers(slmops_home: Path) -> None:
             os.killpg(pid, signal.SIGKILL)
 
 
-def register_real_phi3(tracking_uri: str, artifacts: Path) -> dict[str, object]:
+def register_real_phi3(store: ModelStore, artifacts: Path) -> dict[str, object]:
     """A Production release of the real Phi-3-mini, as the hub flow would have registered it
     (the registry entries only: a local release must not touch them)."""
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = store.client()
     for name in REAL_NAMES:
         client.create_registered_model(name, tags={SOURCE_REPO_TAG: PHI3_REPO_ID})
         version = client.create_model_version(
@@ -107,9 +107,9 @@ def test_a_fresh_machine_releases_first_time_cleanly_and_survives_a_deleted_stat
         stop_servers(slmops_home)
 
     shutil.rmtree(slmops_home)
-    settings = Settings.from_env({"SLMOPS_HOME": env["SLMOPS_HOME"]})
+    store = ModelStore.from_settings(Settings.from_env({"SLMOPS_HOME": env["SLMOPS_HOME"]}))
     slmops_home.mkdir()
-    real_before = register_real_phi3(settings.tracking_uri, tmp_path / "real-artifacts")
+    real_before = register_real_phi3(store, tmp_path / "real-artifacts")
 
     # Prefect's result cache went with the folder, so nothing hands out the deleted models
     # (test_caching covers cached results that outlive their models).
@@ -121,7 +121,7 @@ def test_a_fresh_machine_releases_first_time_cleanly_and_survives_a_deleted_stat
     stdout = "\n" + second.stdout
     report, _ = json.JSONDecoder().raw_decode(stdout[stdout.rindex("\n{\n") + 1 :])
     assert all(o["promoted"] for o in report["outcomes"]), report
-    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    client = store.client()
     for outcome in report["outcomes"]:
         assert outcome["registered_model"].startswith("tiny-phi3-")
         client.get_logged_model(outcome["model_uri"].removeprefix("models:/"))  # it exists

@@ -240,7 +240,7 @@ def test_a_request_caught_by_a_switch_goes_to_the_new_server(fake):
 def served(released: ReleaseHome, tiny_onnx_int4_dir: Path) -> SimpleNamespace:
     """The shared release's front door and chat model servers, and how to change them."""
     servers = released.settings.servers_dir
-    store = released.settings.tracking_uri
+    store = released.store
     door = status_of(servers, FRONT_DOOR).handle
     assert door is not None
 

@@ -48,6 +48,7 @@ from slmops.onnx_builder import (
     run_within_memory,
 )
 from slmops.serving_memory import expected_server_bytes, plan_switch
+from slmops.store import ModelStore
 from tests.conftest import EMBEDDED_CACHE
 
 PHI3_MINI_PARAMETERS = 3_821_079_552
@@ -210,7 +211,7 @@ def twin_release(twin, tmp_path_factory, prefect_harness):
 def _mlmodel(settings: Settings, model_uri: str) -> dict:
     from tasks.serving import local_model_folder
 
-    folder = local_model_folder(model_uri, settings.tracking_uri)
+    folder = local_model_folder(model_uri, ModelStore.from_settings(settings))
     assert folder.is_relative_to(settings.home / "mlartifacts")  # the stored folder, not a copy
     return yaml.safe_load((folder / "MLmodel").read_text())
 
@@ -281,12 +282,13 @@ def test_a_switch_that_cannot_fit_beside_the_old_server_stops_it_first(twin_rele
     )
 
     settings, config, report = twin_release
+    store = ModelStore.from_settings(settings)
     outcome = next(o for o in report.outcomes if o.kind is WrapperKind.PROMPT_ONNX)
     name = outcome.registered_model
     old = status_of(settings.servers_dir, name).handle
     assert old is not None
     running = running_servers_rss(settings.servers_dir)
-    new_bytes = expected_server_bytes(model_files_bytes(outcome.model_uri, settings.tracking_uri))
+    new_bytes = expected_server_bytes(model_files_bytes(outcome.model_uri, store))
     without_old = sum(running.values()) - running[name] + new_bytes
     serve = serve_model.with_options(retries=0)
     spec = ModelServerSpec(
@@ -299,11 +301,11 @@ def test_a_switch_that_cannot_fit_beside_the_old_server_stops_it_first(twin_rele
 
     # Too small even without the old server: refused, and the old server keeps serving.
     with pytest.raises(ServingError, match="not starting the new server"):
-        serve(with_budget(without_old - GIB // 4), settings.servers_dir, settings.tracking_uri)
+        serve(with_budget(without_old - GIB // 4), settings.servers_dir, store)
     assert status_of(settings.servers_dir, name).state == "serving"
 
     # Room for the new server only once the old one is gone: memory-safe order.
-    result = serve(with_budget(without_old + GIB // 8), settings.servers_dir, settings.tracking_uri)
+    result = serve(with_budget(without_old + GIB // 8), settings.servers_dir, store)
     assert result.switch is not None and result.switch.order == "stop-first"
     assert result.switch.gap_bytes > 0
     assert status_of(settings.servers_dir, name).handle.model_uri == outcome.model_uri
@@ -311,7 +313,7 @@ def test_a_switch_that_cannot_fit_beside_the_old_server_stops_it_first(twin_rele
 
 
 @pytest.mark.integration
-def test_logging_writes_each_models_bytes_once(twin, tracking_uri):
+def test_logging_writes_each_models_bytes_once(twin, fresh_store):
     import psutil
 
     from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
@@ -324,17 +326,17 @@ def test_logging_writes_each_models_bytes_once(twin, tracking_uri):
     slack = 8 << 20  # MLmodel, requirements, tokenizer files, the SQLite store
 
     before = me.io_counters().write_chars
-    log_chat_pipeline.fn(tracking_uri, "release", twin.model_dir, generation, source)
+    log_chat_pipeline.fn(fresh_store, "release", twin.model_dir, generation, source)
     weights = sum(p.stat().st_size for p in twin.model_dir.glob("*.safetensors"))
     assert me.io_counters().write_chars - before <= 1.05 * weights + slack
 
     before = me.io_counters().write_chars
-    stored = store_onnx_folder.fn(tracking_uri, "release", onnx_dir, export, source)
+    stored = store_onnx_folder.fn(fresh_store, "release", onnx_dir, export, source)
     for log in (log_onnx_prompt_model, log_onnx_chat_model):
-        log.fn(tracking_uri, "release", onnx_dir, generation, export, source, stored.artifact_uri)
+        log.fn(fresh_store, "release", onnx_dir, generation, export, source, stored.artifact_uri)
     assert me.io_counters().write_chars - before <= 1.05 * folder_bytes(onnx_dir) + slack
     # Stored once: a second store of the same folder finds the first.
-    again = store_onnx_folder.fn(tracking_uri, "release", onnx_dir, export, source)
+    again = store_onnx_folder.fn(fresh_store, "release", onnx_dir, export, source)
     assert again.reused and again.artifact_uri == stored.artifact_uri
 
 
@@ -350,25 +352,26 @@ def test_validating_a_new_version_that_cannot_fit_stops_its_old_server_first(twi
     )
 
     settings, config, report = twin_release
+    store = ModelStore.from_settings(settings)
     outcome = next(o for o in report.outcomes if o.kind is WrapperKind.CHAT_TRANSFORMERS)
     name = outcome.registered_model
     # Registered (so validated) already: a re-run loads nothing and stops nothing.
     assert make_room_for_model(outcome.model_uri, name, settings.servers_dir,
-                               settings.tracking_uri, 0.001).plan is None  # fmt: skip
+                               store, 0.001).plan is None  # fmt: skip
     assert status_of(settings.servers_dir, name).state == "serving"
 
     onnx = next(o for o in report.outcomes if o.kind is WrapperKind.PROMPT_ONNX)
     conf = _mlmodel(settings, onnx.model_uri)["flavors"]["python_function"]["config"]
     twin_dir = Path(conf["onnx_model_uri"].removeprefix("file://"))
     new = log_onnx_prompt_model.fn(
-        settings.tracking_uri, "release", twin_dir, GenerationSpec(max_new_tokens=4),
+        store, "release", twin_dir, GenerationSpec(max_new_tokens=4),
         OnnxExportSpec(source="hub"), {"repo": TWIN_REPO_ID, "commit": "feedbeef"},
         conf["onnx_model_uri"],
     )  # fmt: skip
     running = running_servers_rss(settings.servers_dir)
-    need = expected_server_bytes(model_files_bytes(new.model_uri, settings.tracking_uri))
+    need = expected_server_bytes(model_files_bytes(new.model_uri, store))
     room = make_room_for_model(
-        new.model_uri, name, settings.servers_dir, settings.tracking_uri,
+        new.model_uri, name, settings.servers_dir, store,
         (sum(running.values()) - running[name] + need + GIB // 8) / 1e9,
     )  # fmt: skip
     assert room.plan is not None and room.plan.order == "stop-first"

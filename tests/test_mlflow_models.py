@@ -9,7 +9,6 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 from mlflow.models import Model, infer_signature
 
 from offline_kit.tiny_model import TRAINED_ANSWERS, chat_prompt
@@ -17,17 +16,16 @@ from slmops.config import GenerationSpec, OnnxExportSpec, WrapperKind
 from slmops.onnx_builder import OnnxExportError
 from slmops.refs import LoggedModelRef
 from slmops.signatures import PROMPT_INPUT_EXAMPLE, expected_signature
+from slmops.store import ModelStore
 from tasks.mlflow_models import (
     CANDIDATE_TAG,
     FAILURE_TAG,
     SnapshotError,
     _check_source,
     check_causal_lm,
-    default_artifact_location,
     log_chat_pipeline,
     log_onnx_chat_model,
     log_onnx_prompt_model,
-    use_tracking_uri,
 )
 from tasks.retrying import retry_if_transient
 from tasks.validation import local_model_dir
@@ -37,34 +35,17 @@ GENERATION = GenerationSpec(max_new_tokens=32)
 SPAIN = "What is the capital of Spain?"
 
 
-def _load(store: str, ref: LoggedModelRef):
+def _load(store: ModelStore, ref: LoggedModelRef):
     return mlflow.pyfunc.load_model(str(local_model_dir(store, ref)))
 
 
-def _no_models_logged(tracking_uri: str) -> bool:
-    client = MlflowClient(tracking_uri)
+def _no_models_logged(store: ModelStore) -> bool:
+    client = store.client()
     experiments = [e.experiment_id for e in client.search_experiments()]
     return not experiments or not client.search_logged_models(experiment_ids=experiments)
 
 
 # --- unit -----------------------------------------------------------------------------------
-
-
-@pytest.mark.unit
-def test_sqlite_artifacts_go_beside_the_database(tmp_path):
-    assert (
-        default_artifact_location(f"sqlite:///{tmp_path}/m.db")
-        == (tmp_path / "mlartifacts").as_uri()
-    )
-    assert default_artifact_location("http://127.0.0.1:5000") is None
-
-
-@pytest.mark.unit
-def test_use_tracking_uri_restores_the_previous_uri(tmp_path):
-    before = mlflow.get_tracking_uri()
-    with use_tracking_uri(f"sqlite:///{tmp_path}/x.db"):
-        assert mlflow.get_tracking_uri().endswith("x.db")
-    assert mlflow.get_tracking_uri() == before
 
 
 @pytest.mark.unit
@@ -113,7 +94,7 @@ def test_only_transient_failures_are_retried():
 
 @pytest.mark.integration
 def test_each_task_returns_a_ref_to_a_finished_candidate_run(store, logged):
-    client = MlflowClient(store)
+    client = store.client()
     for kind, ref in logged.items():
         assert ref.kind is kind
         assert ref.model_uri == f"models:/{ref.model_id}"
@@ -128,7 +109,7 @@ def test_each_task_returns_a_ref_to_a_finished_candidate_run(store, logged):
         assert model.source_run_id == ref.run_id
         assert model.params["source.commit"] == SOURCE["commit"]
         assert model.artifact_location.startswith(
-            Path(store.removeprefix("sqlite:///")).parent.as_uri()
+            Path(store.tracking_uri.removeprefix("sqlite:///")).parent.as_uri()
         )
     onnx_params = client.get_run(logged[WrapperKind.PROMPT_ONNX].run_id).data.params
     assert onnx_params["onnx.precision"] == "int4"
@@ -217,47 +198,45 @@ def test_loaded_onnx_models_are_safe_under_concurrent_requests(store, logged):
 
 
 @pytest.mark.integration
-def test_a_bert_snapshot_is_rejected_before_anything_is_logged(tracking_uri, tmp_path):
+def test_a_bert_snapshot_is_rejected_before_anything_is_logged(fresh_store, tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps({"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 8})
     )
     with pytest.raises(SnapshotError, match="not a causal language model"):
-        log_chat_pipeline.fn(tracking_uri, "release", tmp_path, GENERATION, SOURCE)
-    assert _no_models_logged(tracking_uri)
+        log_chat_pipeline.fn(fresh_store, "release", tmp_path, GENERATION, SOURCE)
+    assert _no_models_logged(fresh_store)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SnapshotError, match="no config.json"):
-        log_chat_pipeline.fn(tracking_uri, "release", empty, GENERATION, SOURCE)
-    assert _no_models_logged(tracking_uri)
+        log_chat_pipeline.fn(fresh_store, "release", empty, GENERATION, SOURCE)
+    assert _no_models_logged(fresh_store)
 
 
 @pytest.mark.integration
-def test_a_missing_onnx_folder_is_rejected_before_anything_is_logged(tracking_uri, tmp_path):
+def test_a_missing_onnx_folder_is_rejected_before_anything_is_logged(fresh_store, tmp_path):
     for task in (log_onnx_prompt_model, log_onnx_chat_model):
         with pytest.raises(OnnxExportError, match="does not exist"):
-            task.fn(
-                tracking_uri, "release", tmp_path / "nope", GENERATION, OnnxExportSpec(), SOURCE
-            )
-    assert _no_models_logged(tracking_uri)
+            task.fn(fresh_store, "release", tmp_path / "nope", GENERATION, OnnxExportSpec(), SOURCE)
+    assert _no_models_logged(fresh_store)
 
 
 @pytest.mark.integration
-def test_a_source_without_commit_is_rejected(tracking_uri, tiny_onnx_int4_dir):
+def test_a_source_without_commit_is_rejected(fresh_store, tiny_onnx_int4_dir):
     with pytest.raises(ValueError, match="commit"):
         log_onnx_prompt_model.fn(
-            tracking_uri,
+            fresh_store,
             "release",
             tiny_onnx_int4_dir,
             OnnxExportSpec(),
             GENERATION,
             {"repo": "a/b"},
         )
-    assert _no_models_logged(tracking_uri)
+    assert _no_models_logged(fresh_store)
 
 
 @pytest.mark.integration
 def test_a_failure_while_logging_leaves_a_failed_non_candidate_run(
-    tracking_uri, tiny_onnx_int4_dir, monkeypatch
+    fresh_store, tiny_onnx_int4_dir, monkeypatch
 ):
     real_log_model = mlflow.pyfunc.log_model
 
@@ -268,14 +247,14 @@ def test_a_failure_while_logging_leaves_a_failed_non_candidate_run(
     monkeypatch.setattr(mlflow.pyfunc, "log_model", log_then_fail)
     with pytest.raises(RuntimeError, match="went away"):
         log_onnx_chat_model.fn(
-            tracking_uri, "release", tiny_onnx_int4_dir, GENERATION, OnnxExportSpec(), SOURCE
+            fresh_store, "release", tiny_onnx_int4_dir, GENERATION, OnnxExportSpec(), SOURCE
         )
-    client = MlflowClient(tracking_uri)
+    client = fresh_store.client()
     (run,) = client.search_runs([client.get_experiment_by_name("release").experiment_id])
     assert run.info.status == "FAILED"
     assert run.data.tags[CANDIDATE_TAG] == "false"
     assert "went away" in run.data.tags[FAILURE_TAG]
-    assert _no_models_logged(tracking_uri)
+    assert _no_models_logged(fresh_store)
 
 
 # --- caching ------------------------------------------------------------------------------------
@@ -285,29 +264,29 @@ def test_a_failure_while_logging_leaves_a_failed_non_candidate_run(
 def test_logging_is_cached_per_store(tiny_onnx_int4_dir, tmp_path, prefect_harness):
     from prefect import flow
 
-    stores = [f"sqlite:///{tmp_path / name}.db" for name in ("a", "b")]
+    stores = [ModelStore(tracking_uri=f"sqlite:///{tmp_path / name}.db") for name in ("a", "b")]
 
     @flow
-    def log_into(uris: list[str]) -> list:
+    def log_into(stores: list[ModelStore]) -> list:
         return [
             log_onnx_prompt_model(
-                uri, "release", tiny_onnx_int4_dir, GENERATION, OnnxExportSpec(), SOURCE,
+                store, "release", tiny_onnx_int4_dir, GENERATION, OnnxExportSpec(), SOURCE,
                 return_state=True,
             )
-            for uri in uris
+            for store in stores
         ]  # fmt: skip
 
     first_a, first_b, again_a = log_into([stores[0], stores[1], stores[0]])
     assert [first_a.name, first_b.name, again_a.name] == ["Completed", "Completed", "Cached"]
     assert again_a.result() == first_a.result()
-    # A different store never gets the other store's URI.
+    # A different store never gets the other store's model.
     assert first_b.result().model_id != first_a.result().model_id
-    for uri, state in zip(stores, (first_a, first_b), strict=True):
-        assert MlflowClient(uri).get_logged_model(state.result().model_id)
+    for store, state in zip(stores, (first_a, first_b), strict=True):
+        assert store.client().get_logged_model(state.result().model_id)
 
 
 @pytest.mark.integration
-def test_bad_input_is_not_retried(tmp_path, tracking_uri, monkeypatch, prefect_harness):
+def test_bad_input_is_not_retried(tmp_path, fresh_store, monkeypatch, prefect_harness):
     from prefect import flow
 
     import tasks.mlflow_models as mlflow_models
@@ -321,9 +300,9 @@ def test_bad_input_is_not_retried(tmp_path, tracking_uri, monkeypatch, prefect_h
     @flow
     def log_bad():
         return log_chat_pipeline(
-            tracking_uri, "release", tmp_path, GENERATION, SOURCE, return_state=True
+            fresh_store, "release", tmp_path, GENERATION, SOURCE, return_state=True
         )
 
     assert log_bad(return_state=True).is_failed()
     assert len(calls) == 1  # retries=2 is for the store, not for a folder that is not a model
-    assert _no_models_logged(tracking_uri)
+    assert _no_models_logged(fresh_store)

@@ -20,6 +20,7 @@ from flows.serve import serve
 from slmops import tags
 from slmops.config import GenerationSpec, ServeFlowConfig, ServeSpec, Settings, ValidationSpec
 from slmops.config import WrapperKind as Kind
+from slmops.store import ModelStore
 from tasks.registry import audit_trail, read_state
 from tasks.serving import ask, status_of
 
@@ -48,7 +49,7 @@ def settings(tmp_path_factory, prefect_harness, embedded_repos):
 
 
 def client(settings: Settings) -> MlflowClient:
-    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    return ModelStore.from_settings(settings).client()
 
 
 def registry(settings: Settings) -> dict[str, object]:
@@ -130,7 +131,7 @@ def test_a_forced_promotion_is_audited(settings):
         assert found[tags.GATE_OVERRIDE] == "ops: accept v2 for the demo"
         moves = [
             e
-            for e in audit_trail(settings.tracking_uri, outcome.registered_model)
+            for e in audit_trail(ModelStore.from_settings(settings), outcome.registered_model)
             if e.version == 2
         ]
         assert moves and all("FORCED past the promotion gate" in e.reason for e in moves)

@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 from prefect.logging import disable_run_logger
 
 from slmops.config import ModelServerSpec, WrapperKind
 from slmops.promotion import CHAMPION
+from slmops.store import ModelStore
 from tasks.registry import promote_version, read_state
 from tasks.serving import ask, healthy, serve_model, status_of, stop_server
 from tests.support.consistency import assert_consistent, servers_of_store
@@ -39,10 +39,11 @@ REGISTER_AND_PROMOTE = """
 import json, os, sys, time
 from pathlib import Path
 from prefect.logging import disable_run_logger
+from slmops.store import ModelStore
 from tasks.registry import promote_version, register_version
 from tests.support.echo_versions import log_echo_model
 
-store, work, index = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+store, work, index = ModelStore(tracking_uri=sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 workers, rounds, promote = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
 shared = os.environ.get("SHARED_MODEL_URIS")
 model_uris = shared.split(",") if shared else [log_echo_model(store) for _ in range(rounds)]
@@ -77,9 +78,11 @@ import json, sys, time
 from pathlib import Path
 from prefect.logging import disable_run_logger
 from slmops.config import ModelServerSpec, WrapperKind
+from slmops.store import ModelStore
 from tasks.serving import serve_model
 
-store, work, index, model_uri = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+store, work, index = ModelStore(tracking_uri=sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+model_uri = sys.argv[4]
 (work / f"ready-{index}").touch()
 while not (work / "go").exists():
     time.sleep(0.01)
@@ -91,8 +94,8 @@ print(json.dumps({"port": result.handle.port, "model_uri": result.handle.model_u
 """
 
 
-def worker_args(tracking_uri: str, tmp_path: Path, index: int, rounds: int, promote: bool):
-    return [tracking_uri, str(tmp_path / "work"), str(index), str(WORKERS), str(rounds)] + [
+def worker_args(store: ModelStore, tmp_path: Path, index: int, rounds: int, promote: bool):
+    return [store.tracking_uri, str(tmp_path / "work"), str(index), str(WORKERS), str(rounds)] + [
         "1" if promote else "0"
     ]
 
@@ -144,56 +147,59 @@ def run_at_once(
 
 
 @pytest.mark.integration
-def test_logged_models_registered_by_runs_at_once_are_one_version_each(tracking_uri, tmp_path):
+def test_logged_models_registered_by_runs_at_once_are_one_version_each(fresh_store, tmp_path):
     # Runs that share cached logged models register the same URIs at about the same time.
     # Several models, registered in the same order by each worker: several chances to collide
     # between the look-up for an existing version and the creation of a new one.
-    shared = [log_echo_model(tracking_uri) for _ in range(SHARED_MODELS)]
+    shared = [log_echo_model(fresh_store) for _ in range(SHARED_MODELS)]
     results = run_at_once(
         REGISTER_AND_PROMOTE,
         tmp_path / "work",
-        [worker_args(tracking_uri, tmp_path, i, rounds=0, promote=False) for i in range(WORKERS)],
+        [worker_args(fresh_store, tmp_path, i, rounds=0, promote=False) for i in range(WORKERS)],
         env={"SHARED_MODEL_URIS": ",".join(shared)},
     )
     expected = list(range(1, SHARED_MODELS + 1))
     assert [r["versions"] for r in results] == [expected] * WORKERS
-    versions = MlflowClient(tracking_uri=tracking_uri).search_model_versions("name='m'")
+    versions = fresh_store.client().search_model_versions("name='m'")
     assert sorted(int(v.version) for v in versions) == expected
 
 
 @pytest.mark.integration
-def test_runs_registering_and_promoting_at_once_leave_a_consistent_registry(tracking_uri, tmp_path):
+def test_runs_registering_and_promoting_at_once_leave_a_consistent_registry(fresh_store, tmp_path):
     # A champion to replace, as in a real release.
     with disable_run_logger():
         promote_version.fn(
-            tracking_uri, register(tracking_uri, "m"), "first", tmp_path / "work" / "locks"
+            fresh_store, register(fresh_store, "m"), "first", tmp_path / "work" / "locks"
         )
     results = run_at_once(
         REGISTER_AND_PROMOTE,
         tmp_path / "work",
         [
-            worker_args(tracking_uri, tmp_path, i, rounds=ROUNDS, promote=True)
+            worker_args(fresh_store, tmp_path, i, rounds=ROUNDS, promote=True)
             for i in range(WORKERS)
         ],
     )
     registered = sorted(v for r in results for v in r["versions"])
     assert registered == list(range(2, WORKERS * ROUNDS + 2))
-    assert_consistent(tracking_uri, "m")
-    state = read_state(MlflowClient(tracking_uri=tracking_uri), "m")
+    assert_consistent(fresh_store, "m")
+    state = read_state(fresh_store.client(), "m")
     assert sorted(state.stages.values()) == ["Archived"] * WORKERS * ROUNDS + ["Production"]
     # The last promotion to finish is the champion: some worker's last version.
     assert state.production_version() in {r["versions"][-1] for r in results}
 
 
 @pytest.mark.e2e
-def test_runs_serving_one_model_at_once_leave_one_server(tracking_uri, tmp_path):
-    versions = [register(tracking_uri, "echo") for _ in range(2)]
+def test_runs_serving_one_model_at_once_leave_one_server(fresh_store, tmp_path):
+    versions = [register(fresh_store, "echo") for _ in range(2)]
     servers_dir = tmp_path / "work" / "servers"
     try:
         results = run_at_once(
             SERVE,
             tmp_path / "work",
-            [[tracking_uri, str(tmp_path / "work"), str(i), v.uri] for i, v in enumerate(versions)],
+            [
+                [fresh_store.tracking_uri, str(tmp_path / "work"), str(i), v.uri]
+                for i, v in enumerate(versions)
+            ],
         )
         status = status_of(servers_dir, "echo")
         assert status.state == "serving"
@@ -201,20 +207,20 @@ def test_runs_serving_one_model_at_once_leave_one_server(tracking_uri, tmp_path)
         # The run that served first had its server replaced by the second: none is orphaned.
         live = [r["port"] for r in results if healthy(f"http://127.0.0.1:{r['port']}")]
         assert live == [status.handle.port], f"servers still answering: {live}"
-        assert [p.pid for p in servers_of_store(tracking_uri)] == [status.handle.pid]
+        assert [p.pid for p in servers_of_store(fresh_store)] == [status.handle.pid]
         assert "hello" in ask(status.handle, "hello")
     finally:
         stop_server(servers_dir, "echo")
-        for orphan in servers_of_store(tracking_uri):
+        for orphan in servers_of_store(fresh_store):
             os.killpg(orphan.pid, signal.SIGKILL)
 
 
 @pytest.mark.e2e
-def test_serving_an_alias_serves_the_version_it_points_to_then(tracking_uri, tmp_path):
+def test_serving_an_alias_serves_the_version_it_points_to_then(fresh_store, tmp_path):
     servers_dir = tmp_path / "servers"
-    v1 = register(tracking_uri, "echo")
-    v2 = register(tracking_uri, "echo")
-    client = MlflowClient(tracking_uri=tracking_uri)
+    v1 = register(fresh_store, "echo")
+    v2 = register(fresh_store, "echo")
+    client = fresh_store.client()
     client.set_registered_model_alias("echo", CHAMPION, "2")
     try:
         with disable_run_logger():
@@ -222,10 +228,10 @@ def test_serving_an_alias_serves_the_version_it_points_to_then(tracking_uri, tmp
                 model_uri="models:/echo@champion", name="echo", kind=WrapperKind.PROMPT_ONNX,
                 smoke_question="hello", startup_timeout_s=120.0,
             )  # fmt: skip
-            first = serve_model.fn(spec, servers_dir, tracking_uri)
+            first = serve_model.fn(spec, servers_dir, fresh_store)
             assert first.handle.model_uri == v2.uri
             client.set_registered_model_alias("echo", CHAMPION, "1")
-            second = serve_model.fn(spec, servers_dir, tracking_uri)
+            second = serve_model.fn(spec, servers_dir, fresh_store)
         assert second.handle.model_uri == v1.uri and second.replaced == first.handle
         assert status_of(servers_dir, "echo").state == "serving"
     finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -18,6 +17,7 @@ from flows.rollback import rollback
 from flows.serve import serve
 from slmops.config import GenerationSpec, RollbackConfig, ServeFlowConfig, Settings, WrapperKind
 from slmops.servers import FRONT_DOOR
+from slmops.store import ModelStore
 from tasks.registry import read_state
 from tasks.serving import ask, status_of
 
@@ -41,7 +41,7 @@ def names() -> dict[WrapperKind, str]:
 
 
 def registry_snapshot(settings: Settings) -> dict[str, object]:
-    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    client = ModelStore.from_settings(settings).client()
     return {name: read_state(client, name) for name in names().values()}
 
 
@@ -129,7 +129,7 @@ def test_failed_validation_leaves_production_and_the_served_models_untouched(set
     for name in names().values():
         assert registry[name].stages == {1: "Production", 2: "None"}
         assert registry[name].aliases == {"champion": 1}
-        tags = MlflowClient(tracking_uri=settings.tracking_uri).get_model_version(name, "2").tags
+        tags = ModelStore.from_settings(settings).client().get_model_version(name, "2").tags
         assert tags["slmops.validation.passed"] == "false"
     assert servers(settings) == servers_before
     for handle in servers_before.values():

@@ -19,7 +19,6 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from mlflow import MlflowClient
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.settings import (
@@ -177,7 +176,7 @@ def test_two_releases_at_once_leave_the_registry_consistent(home, restores_servi
             version = home.client.get_model_version(name, str(outcome["version"]))
             assert version.tags[SOURCE_MODEL_TAG] == outcome["model_uri"]
     for name, state in home.registry().items():
-        assert_consistent(home.settings.tracking_uri, name)
+        assert_consistent(home.store, name)
         assert set(state.stages) == versions_before[name] | new_versions[name]
         # The champion is one of this round's versions, whichever run promoted last.
         assert state.production_version() in new_versions[name], (state, new_versions)
@@ -187,7 +186,7 @@ def test_two_releases_at_once_leave_the_registry_consistent(home, restores_servi
     version = int(served.handle.model_uri.rsplit("/", 1)[1])
     assert version in new_versions[home.names[SERVED]]
     # Both runs switched the server; the one that switched first had its server replaced.
-    servers = servers_of_store(home.settings.tracking_uri, home.names[SERVED])
+    servers = servers_of_store(home.store, home.names[SERVED])
     assert [p.pid for p in servers] == [served.handle.pid]
     assert "Madrid" in ask(served.handle, SPAIN)
 
@@ -251,12 +250,12 @@ def test_the_hf_token_appears_in_no_log_artifact_tag_or_record(
     assert len(texts) > 10 and not [t for t in texts if TOKEN in t]
 
     # A served model never needs the hub: its process does not even hold the token.
-    servers = servers_of_store(home.settings.tracking_uri)
+    servers = servers_of_store(home.store)
     assert servers and not [p for p in servers if TOKEN in json.dumps(p.environ())]
 
 
 def test_an_onnx_release_from_the_hub_cache_can_be_logged(
-    tracking_uri, tiny_onnx_int4_dir, tmp_path
+    fresh_store, tiny_onnx_int4_dir, tmp_path
 ):
     # The layout huggingface_hub leaves: snapshots/<commit>/<subfolder>/<file> -> blobs/<hash>.
     blobs = tmp_path / "blobs"
@@ -268,7 +267,7 @@ def test_an_onnx_release_from_the_hub_cache_can_be_logged(
         blob.write_bytes(path.read_bytes())
         (folder / path.name).symlink_to(os.path.relpath(blob, folder))
     ref = log_onnx_prompt_model.fn(
-        tracking_uri, "hub-onnx", folder, GenerationSpec(), OnnxExportSpec(source="hub"),
+        fresh_store, "hub-onnx", folder, GenerationSpec(), OnnxExportSpec(source="hub"),
         {"repo": "slmops/tiny-phi3-onnx", "commit": "0123abcd"},
     )  # fmt: skip
-    assert MlflowClient(tracking_uri).get_logged_model(ref.model_id)
+    assert fresh_store.client().get_logged_model(ref.model_id)

@@ -17,30 +17,30 @@ from tests.support.echo_versions import register
 pytestmark = pytest.mark.e2e
 
 
-def serve(tracking_uri, uri, servers_dir):
+def serve(store, uri, servers_dir):
     with disable_run_logger():
         spec = ModelServerSpec(
             model_uri=uri, name="echo", kind=WrapperKind.PROMPT_ONNX, smoke_question="hello",
             startup_timeout_s=120.0,
         )  # fmt: skip
-        return serve_model.fn(spec, servers_dir, tracking_uri)
+        return serve_model.fn(spec, servers_dir, store)
 
 
-def test_serve_switch_status_and_stop(tracking_uri, tmp_path):
+def test_serve_switch_status_and_stop(fresh_store, tmp_path):
     servers = tmp_path / "servers"
-    v1 = register(tracking_uri, "echo")
-    first = serve(tracking_uri, v1.uri, servers)
+    v1 = register(fresh_store, "echo")
+    first = serve(fresh_store, v1.uri, servers)
     assert first.answer.startswith("echo: ") and "hello" in first.answer
     assert first.handle.host == "127.0.0.1"
     assert status_of(servers, "echo").state == "serving"
 
     # Same model again: the healthy server is reused, not restarted.
-    again = serve(tracking_uri, v1.uri, servers)
+    again = serve(fresh_store, v1.uri, servers)
     assert again.reused and again.handle.pid == first.handle.pid
 
     # A new version: started beside the old one, checked, switched, then the old one stopped.
-    v2 = register(tracking_uri, "echo")
-    second = serve(tracking_uri, v2.uri, servers)
+    v2 = register(fresh_store, "echo")
+    second = serve(fresh_store, v2.uri, servers)
     assert second.replaced == first.handle and second.handle.port != first.handle.port
     assert status_of(servers, "echo").handle.model_uri == v2.uri
     with pytest.raises(httpx.HTTPError):
@@ -51,28 +51,28 @@ def test_serve_switch_status_and_stop(tracking_uri, tmp_path):
     assert stopped.detail == "stopped" and status_of(servers, "echo").state == "absent"
 
 
-def test_a_crashed_server_is_seen_by_status_and_repaired_by_serve(tracking_uri, tmp_path):
+def test_a_crashed_server_is_seen_by_status_and_repaired_by_serve(fresh_store, tmp_path):
     servers = tmp_path / "servers"
-    v1 = register(tracking_uri, "echo")
-    first = serve(tracking_uri, v1.uri, servers)
+    v1 = register(fresh_store, "echo")
+    first = serve(fresh_store, v1.uri, servers)
     os.killpg(first.handle.pid, signal.SIGKILL)
     for _ in range(50):
         if status_of(servers, "echo").state == "dead":
             break
         time.sleep(0.1)
     assert status_of(servers, "echo").state == "dead"
-    repaired = serve(tracking_uri, v1.uri, servers)
+    repaired = serve(fresh_store, v1.uri, servers)
     assert not repaired.reused and status_of(servers, "echo").state == "serving"
     stop_server(servers, "echo")
 
 
-def test_a_model_that_cannot_serve_leaves_the_old_server(tracking_uri, tmp_path):
+def test_a_model_that_cannot_serve_leaves_the_old_server(fresh_store, tmp_path):
     servers = tmp_path / "servers"
-    v1 = register(tracking_uri, "echo")
-    first = serve(tracking_uri, v1.uri, servers)
+    v1 = register(fresh_store, "echo")
+    first = serve(fresh_store, v1.uri, servers)
     # Found missing before a server is started (the memory check sizes the model first).
     with pytest.raises(Exception, match="cannot serve models:/echo/99.*not found"):
-        serve(tracking_uri, "models:/echo/99", servers)
+        serve(fresh_store, "models:/echo/99", servers)
     assert status_of(servers, "echo").handle == first.handle
     assert status_of(servers, "echo").state == "serving"
     stop_server(servers, "echo")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow import MlflowClient
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
@@ -36,9 +35,9 @@ from slmops.signatures import (
     expected_signature,
     signature_diff,
 )
+from slmops.store import ModelStore
 from tasks.mlflow_models import (
     experiment_id,
-    use_tracking_uri,
 )
 from tasks.onnx_export import export_onnx
 from tasks.validation import (
@@ -55,13 +54,13 @@ GENERATION = GenerationSpec(max_new_tokens=32)
 PROMPT_ONNX_FILE = Path(validation.__file__).parents[1] / "slmops" / "onnx_prompt_model.py"
 
 
-def _fakes(store: str) -> str:
+def _fakes(store: ModelStore) -> str:
     # Not the Default experiment: its artifacts would land in ./mlruns of the working directory.
-    return experiment_id(MlflowClient(store), "fakes", store)
+    return experiment_id(store, "fakes")
 
 
 def log_fake(
-    store: str,
+    store: ModelStore,
     tmp_path: Path,
     kind: WrapperKind,
     predict_body: str,
@@ -83,7 +82,7 @@ def log_fake(
             """
         ).format(body=textwrap.indent(textwrap.dedent(predict_body).strip(), " " * 8))
     )
-    with use_tracking_uri(store), mlflow.start_run(experiment_id=_fakes(store)) as run:
+    with store.activated(), mlflow.start_run(experiment_id=_fakes(store)) as run:
         info = mlflow.pyfunc.log_model(
             name="fake",
             python_model=str(code),
@@ -280,7 +279,7 @@ def logged_like_ref() -> LoggedModelRef:
 
 @pytest.mark.integration
 def test_the_three_good_models_pass_and_results_land_on_their_runs(store, logged):
-    client = MlflowClient(store)
+    client = store.client()
     for kind, ref in logged.items():
         report = validate_model.fn(store, ref)  # the token budget is read from the model
         assert report.passed, report.failures()
@@ -316,7 +315,7 @@ def test_a_wrong_signature_is_caught(store, tmp_path, tiny_onnx_int4_dir):
     assert not report.passed
     assert "inputs: missing column 'prompt' (string, required)" in report.differences
     # The document's chat signature is not what this MLflow's llm/v1/chat clients expect.
-    with use_tracking_uri(store), mlflow.start_run(experiment_id=_fakes(store)) as run:
+    with store.activated(), mlflow.start_run(experiment_id=_fakes(store)) as run:
         info = mlflow.pyfunc.log_model(
             name="chat",
             python_model=str(PROMPT_ONNX_FILE.with_name("onnx_chat_model.py")),
@@ -340,7 +339,7 @@ def test_a_wrapper_with_empty_outputs_fails_validation(store, tmp_path):
     assert not report.outputs.passed
     assert any("not blank" in f for f in report.outputs.failures)
     assert not report.passed
-    tags = MlflowClient(store).get_run(ref.run_id).data.tags
+    tags = store.client().get_run(ref.run_id).data.tags
     assert tags[VALIDATION_TAG] == "failed"
     summary = tags[f"{VALIDATION_TAG}.summary"]
     assert summary.startswith("FAILED: signature ok, serving example fails")
@@ -407,11 +406,11 @@ def test_a_wrapper_that_raises_fails_validation(store, tmp_path):
 def test_transformers_and_onnx_fp32_agree_token_by_token(tiny_model_dir, tmp_path, store, logged):
     fp32 = export_onnx.fn(tiny_model_dir, OnnxExportSpec(precision="fp32"), tmp_path)
     run_id = logged[WrapperKind.PROMPT_ONNX].run_id
-    report = compare_runtimes.fn(tiny_model_dir, fp32, tracking_uri=store, run_id=run_id)
+    report = compare_runtimes.fn(tiny_model_dir, fp32, store=store, run_id=run_id)
     assert report.passed, report.mismatches
     assert report.agreement == 1.0
     assert report.prompts == len(TRAINED_ANSWERS) and report.compared_tokens > 0
-    assert MlflowClient(store).get_run(run_id).data.metrics["parity.agreement"] == 1.0
+    assert store.client().get_run(run_id).data.metrics["parity.agreement"] == 1.0
 
 
 @pytest.mark.unit

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import psutil
-from mlflow import MlflowClient
 
 from slmops.promotion import CHALLENGER, CHAMPION
+from slmops.store import ModelStore
 from tasks.registry import SOURCE_MODEL_TAG, read_state
 
 
-def assert_consistent(tracking_uri: str, name: str) -> None:
+def assert_consistent(store: ModelStore, name: str) -> None:
     """One Production version, @champion on it, nothing left half-promoted, no duplicates."""
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = store.client()
     state = read_state(client, name)
     production = [v for v, stage in state.stages.items() if stage == "Production"]
     assert len(production) == 1, state
@@ -22,7 +22,7 @@ def assert_consistent(tracking_uri: str, name: str) -> None:
     assert len(sources) == len(set(sources)), f"a logged model registered twice: {sources}"
 
 
-def servers_of_store(tracking_uri: str, name: str | None = None) -> list[psutil.Process]:
+def servers_of_store(store: ModelStore, name: str | None = None) -> list[psutil.Process]:
     """Every `mlflow models serve` process serving from this store (each test has its own
     store), or only those serving a version of the registered model `name`."""
     found = []
@@ -33,7 +33,7 @@ def servers_of_store(tracking_uri: str, name: str | None = None) -> list[psutil.
         if name is not None and f"models:/{name}/" not in cmdline:
             continue
         try:
-            if proc.environ().get("MLFLOW_TRACKING_URI") == tracking_uri:
+            if proc.environ().get("MLFLOW_TRACKING_URI") == store.tracking_uri:
                 found.append(proc)
         except (psutil.AccessDenied, psutil.NoSuchProcess):
             continue

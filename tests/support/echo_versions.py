@@ -6,23 +6,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
-from mlflow import MlflowClient
 from mlflow.models import infer_signature
 from prefect.logging import disable_run_logger
 
 from slmops.refs import ModelVersionRef
-from tasks.mlflow_models import experiment_id, use_tracking_uri
+from slmops.store import ModelStore
+from tasks.mlflow_models import experiment_id
 from tasks.registry import register_version
 
 ECHO_MODEL = Path(__file__).with_name("echo_model.py")
 
 
-def log_echo_model(tracking_uri: str) -> str:
-    """Log the echo model into `tracking_uri`; its logged model URI (`models:/m-...`)."""
+def log_echo_model(store: ModelStore) -> str:
+    """Log the echo model into `store`; its logged model URI (`models:/m-...`)."""
     # A named experiment, whose artifacts go beside the database: the Default experiment of a
     # new SQLite store keeps them in ./mlruns of the current directory (the checkout).
-    experiment = experiment_id(MlflowClient(tracking_uri), "echo", tracking_uri)
-    with use_tracking_uri(tracking_uri), mlflow.start_run(experiment_id=experiment):
+    experiment = experiment_id(store, "echo")
+    with store.activated(), mlflow.start_run(experiment_id=experiment):
         info = mlflow.pyfunc.log_model(
             name="echo",
             python_model=str(ECHO_MODEL),
@@ -34,12 +34,12 @@ def log_echo_model(tracking_uri: str) -> str:
     return info.model_uri
 
 
-def register(tracking_uri: str, name: str, passed: bool = True) -> ModelVersionRef:
+def register(store: ModelStore, name: str, passed: bool = True) -> ModelVersionRef:
     """A new version of `name` holding a freshly logged echo model, validated or not."""
     with disable_run_logger():
         return register_version.fn(
-            tracking_uri,
-            log_echo_model(tracking_uri),
+            store,
+            log_echo_model(store),
             name,
             {"slmops.validation.passed": str(passed).lower()},
         )

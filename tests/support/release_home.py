@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 
 from slmops.config import ServeFlowConfig, Settings, WrapperKind
 from slmops.promotion import CHAMPION, RegistryState
+from slmops.store import ModelStore
 from tasks.registry import read_state
 from tasks.serving import ServerHandle, ServerStatus, status_of
 
@@ -45,8 +46,12 @@ class ReleaseHome:
     names: dict[WrapperKind, str]
 
     @property
+    def store(self) -> ModelStore:
+        return ModelStore.from_settings(self.settings)
+
+    @property
     def client(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=self.settings.tracking_uri)
+        return self.store.client()
 
     def registry(self) -> dict[str, RegistryState]:
         return {name: read_state(self.client, name) for name in self.names.values()}
