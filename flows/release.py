@@ -235,7 +235,9 @@ def release_wrapper(
     tags = version_tags(
         snapshot.repo_id, snapshot.commit, onnx_options, report.passed, report.summary()
     )
-    version = register_version(settings.tracking_uri, ref.model_uri, name, tags, settings.lock_dir)
+    version = register_version(
+        settings.tracking_uri, ref.model_uri, name, tags, settings.registry_locks
+    )
     promoted = False
     evaluation, decision = (
         judge_challenger(config, settings, eval_set, ref, version)
@@ -251,7 +253,7 @@ def release_wrapper(
             )
         elif decision is not None:
             reason = f"{reason}, promotion gate passed"
-        promotion = promote_version(settings.tracking_uri, version, reason, settings.lock_dir)
+        promotion = promote_version(settings.tracking_uri, version, reason, settings.registry_locks)
         promoted = True
         publish_table(
             f"{name}-registry-moves",

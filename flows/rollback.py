@@ -22,7 +22,7 @@ def rollback(config: RollbackConfig) -> PromotionReport:
     settings = Settings.from_env()
     name = config.registry.model_name(config.kind)
     ref = ModelVersionRef(name=name, version=config.version)
-    report = rollback_version(settings.tracking_uri, ref, config.reason, settings.lock_dir)
+    report = rollback_version(settings.tracking_uri, ref, config.reason, settings.registry_locks)
     publish_table(
         "rollback-audit", [e.model_dump() for e in report.audit], f"Registry moves of {name}"
     )
