@@ -310,9 +310,19 @@ class ScaleOutStack:
         proc = self._spawn(
             "postgres",
             [
-                str(PG_BIN / "postgres"), "-D", str(data), "-p", str(self.pg_port),
-                "-h", "127.0.0.1", "-c", "unix_socket_directories=", "-c", "max_connections=200",
-                "-c", "fsync=off",
+                str(PG_BIN / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(self.pg_port),
+                "-h",
+                "127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "fsync=off",
             ],  # fmt: skip
             env,
             user=user,
@@ -362,8 +372,16 @@ class ScaleOutStack:
         proc = self._spawn(
             "prefect-server",
             [
-                sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                "--port", str(self.prefect_port), "--no-ui",
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.prefect_port),
+                "--no-ui",
             ],  # fmt: skip
             env,
         )
@@ -375,10 +393,20 @@ class ScaleOutStack:
         proc = self._spawn(
             "mlflow-server",
             [
-                sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-                "--port", str(self.mlflow_port), "--workers", "2",
-                "--backend-store-uri", self.pg_url("mlflow", "postgresql+psycopg2"),
-                "--artifacts-destination", self.artifact_root,
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.mlflow_port),
+                "--workers",
+                "2",
+                "--backend-store-uri",
+                self.pg_url("mlflow", "postgresql+psycopg2"),
+                "--artifacts-destination",
+                self.artifact_root,
             ],  # fmt: skip
             env,
         )
@@ -407,6 +435,12 @@ class ScaleOutStack:
     def start_worker(self, name: str, pool: str) -> Host:
         """Start (or restart) the worker of host `name` on `pool`."""
         host = self.hosts.get(name) or Host(name=name, pool=pool, root=self.folder / name)
+        # A queue of the host's own, beside `default`: a run can be pinned to one host.
+        queue = httpx.post(
+            f"{self.prefect_api}/work_pools/{pool}/queues", json={"name": name}, timeout=30
+        )
+        if queue.status_code not in (201, 409):
+            queue.raise_for_status()
         env = {
             **self.client_env(host.root),
             "PREFECT_WORKER_QUERY_SECONDS": "1",
@@ -416,8 +450,19 @@ class ScaleOutStack:
         host.proc = self._spawn(
             name,
             [
-                sys.executable, "-m", "prefect", "worker", "start", "--pool", pool,
-                "--name", name, "--work-queue", "default", "--work-queue", name,
+                sys.executable,
+                "-m",
+                "prefect",
+                "worker",
+                "start",
+                "--pool",
+                pool,
+                "--name",
+                name,
+                "--work-queue",
+                "default",
+                "--work-queue",
+                name,
             ],  # fmt: skip
             env,
         )
@@ -448,10 +493,14 @@ class ScaleOutStack:
         return [p.pid for p in tree]
 
     def stop(self) -> None:
-        """Stop everything started, newest first: each process group TERM, then KILL."""
+        """Stop everything started, newest first: each process group TERM, then KILL; then
+        what the hosts' flow runs started in sessions of their own (model servers)."""
         for label, proc in reversed(self.processes):
             _stop_group(proc, label)
         self.processes.clear()
+        for process in self.host_processes():
+            with contextlib.suppress(psutil.Error):
+                process.kill()
         if self.relay is not None:
             self.relay.close()
             self.relay = None
@@ -459,15 +508,23 @@ class ScaleOutStack:
             shutil.rmtree(self.pg_root, ignore_errors=True)
             self.pg_root = None
 
+    def host_processes(self) -> list[psutil.Process]:
+        """Processes whose SLMOPS_HOME is one of this stack's hosts' (flow runs, model servers)."""
+        homes = {str(host.slmops_home) for host in self.hosts.values()}
+        found = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if process.environ().get("SLMOPS_HOME") in homes:
+                    found.append(process)
+        return found
+
 
 def _stop_group(proc: subprocess.Popen, label: str, grace_s: float = 15.0) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            pass
     # Whatever is left of the group (a worker's flow runs, a server's workers).
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
