@@ -237,7 +237,7 @@ def release_wrapper(
     tags = version_tags(
         snapshot.repo_id, snapshot.commit, onnx_options, report.passed, report.summary()
     )
-    version = register_version(store, ref.model_uri, name, tags, settings.lock_dir)
+    version = register_version(store, ref.model_uri, name, tags, settings.registry_locks)
     promoted = False
     evaluation, decision = (
         judge_challenger(config, settings, eval_set, ref, version)
@@ -253,7 +253,7 @@ def release_wrapper(
             )
         elif decision is not None:
             reason = f"{reason}, promotion gate passed"
-        promotion = promote_version(store, version, reason, settings.lock_dir)
+        promotion = promote_version(store, version, reason, settings.registry_locks)
         promoted = True
         publish_table(
             f"{name}-registry-moves",

@@ -24,7 +24,7 @@ def rollback(config: RollbackConfig) -> PromotionReport:
     name = config.registry.model_name(config.kind)
     ref = ModelVersionRef(name=name, version=config.version)
     report = rollback_version(
-        ModelStore.from_settings(settings), ref, config.reason, settings.lock_dir
+        ModelStore.from_settings(settings), ref, config.reason, settings.registry_locks
     )
     publish_table(
         "rollback-audit", [e.model_dump() for e in report.audit], f"Registry moves of {name}"

@@ -269,6 +269,29 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(unquote(uri.removeprefix(prefix).split("?", 1)[0])).resolve()
 
 
+class RegistryLockSpec(Spec):
+    """How registry changes to one registered model are serialised across release runs.
+
+    `file`: a lock file per model in `folder`, which serialises the processes of one host only
+    (the default, with the SQLite store in SLMOPS_HOME). `prefect`: a Prefect global concurrency
+    limit of one slot per model, held through the Prefect API that every worker of every host
+    shares; needed as soon as two hosts use one tracking server.
+    """
+
+    kind: Literal["file", "prefect"] = "file"
+    folder: Path | None = None  # `file`: where the lock files live
+    timeout_s: float = Field(default=900.0, gt=0)  # longest wait for the lock
+    # `prefect`: the slot is leased and renewed while held; a holder that dies (its host lost)
+    # frees it when the lease runs out. Prefect's API takes 60 s at least.
+    lease_s: float = Field(default=60.0, ge=60.0)
+
+    @model_validator(mode="after")
+    def _file_locks_need_a_folder(self) -> RegistryLockSpec:
+        if self.kind == "file" and self.folder is None:
+            raise ValueError("file locks need a folder")
+        return self
+
+
 class Settings(BaseSettings):
     """Where things live and the secrets to reach them; built from the environment in a flow
     (never at import), by `Settings()` or `Settings.from_env(mapping)`."""
@@ -283,6 +306,9 @@ class Settings(BaseSettings):
     hf_endpoint: str | None = None
     # Where the embedded tiny Phi-3 is built; shareable between homes (it is deterministic).
     slmops_embedded_cache: Path | None = None
+    # `file`: registry locks on this host's disk; `prefect`: through the Prefect API, for
+    # workers on several hosts sharing one tracking server (README "Scaling out").
+    slmops_registry_locks: Literal["file", "prefect"] = "file"
 
     @field_validator("slmops_home")
     @classmethod
@@ -318,6 +344,11 @@ class Settings(BaseSettings):
     @property
     def lock_dir(self) -> Path:
         return self.home / "locks"
+
+    @property
+    def registry_locks(self) -> RegistryLockSpec:
+        """How this process serialises registry changes with the other release runs."""
+        return RegistryLockSpec(kind=self.slmops_registry_locks, folder=self.lock_dir)
 
     @property
     def task_results_dir(self) -> Path:

@@ -3,8 +3,9 @@
 Every stage or alias move is applied from a plan (`slmops.promotion`), recorded as an audit tag
 on the model version, and compensated if a later move fails, so a failed promotion leaves the
 previous Production/champion in place. Registrations and moves on one registered model are
-serialised by a file lock, so two release runs at once can neither interleave their moves nor
-register one logged model twice.
+serialised by a lock (`tasks.locks`: a file lock on one host, a Prefect concurrency limit across
+hosts), so two release runs at once can neither interleave their moves nor register one logged
+model twice.
 """
 
 from __future__ import annotations
@@ -14,17 +15,16 @@ import getpass
 import json
 import uuid
 import warnings
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from prefect.context import get_run_context
 
 from slmops import tags
+from slmops.config import RegistryLockSpec
 from slmops.errors import ExplainedError
 from slmops.promotion import (
     CHAMPION,
@@ -37,6 +37,7 @@ from slmops.promotion import (
 )
 from slmops.refs import AuditEntry, ModelVersionRef, PromotionReport
 from slmops.store import ModelStore
+from tasks.locks import hold_lock
 from tasks.retrying import retry_if_transient
 
 AUDIT_TAG_PREFIX = tags.AUDIT_PREFIX
@@ -48,18 +49,7 @@ class RegistryConflictError(ExplainedError):
     """A registered model holds releases of another source repo than the one being registered."""
 
 
-@contextlib.contextmanager
-def registry_lock(lock_dir: Path | None, name: str) -> Iterator[None]:
-    """Serialise registry changes to one model across processes on this host (None: no lock)."""
-    if lock_dir is None:
-        yield
-        return
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(lock_dir / f"{name}.lock"):
-        yield
-
-
-def default_lock_dir(store: ModelStore) -> Path | None:
+def default_locks(store: ModelStore) -> Path | None:
     """`locks/` beside a SQLite store's database, which every process using the store can see
     (the release flow's `<home>/locks`); None for other stores."""
     database = store.database
@@ -137,7 +127,7 @@ def register_version(
     model_uri: str,
     name: str,
     tags: dict[str, str],
-    lock_dir: Path | None = None,
+    locks: RegistryLockSpec | Path | None = None,
 ) -> ModelVersionRef:
     """Register `model_uri` as a new version of `name`, or return the version already holding it.
 
@@ -150,15 +140,16 @@ def register_version(
         model_uri: the logged model (`models:/m-...`).
         name: registered model name (created if absent).
         tags: model version tags.
-        lock_dir: where the per-model lock lives (default: `default_lock_dir(store)`).
+        locks: the per-model registry lock (a folder: file locks there; default:
+            `default_locks(store)`).
     """
     if not model_uri.startswith("models:/m-"):
         raise ValueError(f"expected a logged model URI (models:/m-...), got {model_uri!r}")
     client = store.client()
-    locks = lock_dir if lock_dir is not None else default_lock_dir(store)
+    locks = locks if locks is not None else default_locks(store)
     # MLflow resolves a `models:/m-...` source through the process-wide tracking URI, not the
     # client's (sqlalchemy_store.create_model_version), so it is pointed at this store.
-    with registry_lock(locks, name), store.activated():
+    with hold_lock(locks, name), store.activated():
         with contextlib.suppress(MlflowException):
             client.create_registered_model(name)
         _claim_for_repo(client, name, tags.get(SOURCE_REPO_TAG))
@@ -197,9 +188,9 @@ def _claim_for_repo(client: MlflowClient, name: str, repo_id: str | None) -> Non
 
 
 def _promote(
-    client: MlflowClient, ref: ModelVersionRef, reason: str, lock_dir: Path
+    client: MlflowClient, ref: ModelVersionRef, reason: str, locks: RegistryLockSpec | Path
 ) -> PromotionReport:
-    with registry_lock(lock_dir, ref.name):
+    with hold_lock(locks, ref.name):
         current = read_state(client, ref.name)
         previous = current.production_version()
         if previous == ref.version and current.aliases.get(CHAMPION) == ref.version:
@@ -227,9 +218,11 @@ def _promote(
 
 @task
 def promote_version(
-    store: ModelStore, ref: ModelVersionRef, reason: str, lock_dir: Path
+    store: ModelStore, ref: ModelVersionRef, reason: str, locks: RegistryLockSpec | Path
 ) -> PromotionReport:
-    """None -> Staging (@challenger) -> Production (@champion), archiving the old Production."""
+    """None -> Staging (@challenger) -> Production (@champion), archiving the old Production.
+
+    `locks`: the per-model registry lock (a folder: file locks there)."""
     client = store.client()
     version = client.get_model_version(ref.name, str(ref.version))
     if (version.tags or {}).get(tags.VALIDATION_PASSED) != "true":
@@ -237,7 +230,7 @@ def promote_version(
             f"{ref.uri} has not passed validation (tag {tags.VALIDATION_PASSED}="
             f"{(version.tags or {}).get(tags.VALIDATION_PASSED)!r}); refusing to promote it"
         )
-    report = _promote(client, ref, reason, lock_dir)
+    report = _promote(client, ref, reason, locks)
     get_run_logger().info(
         "%s: Production is now version %s (was %s)",
         ref.name,
@@ -249,11 +242,13 @@ def promote_version(
 
 @task
 def rollback_version(
-    store: ModelStore, ref: ModelVersionRef, reason: str, lock_dir: Path
+    store: ModelStore, ref: ModelVersionRef, reason: str, locks: RegistryLockSpec | Path
 ) -> PromotionReport:
-    """Put an earlier version back in Production as champion, archiving the current one."""
+    """Put an earlier version back in Production as champion, archiving the current one.
+
+    `locks`: the per-model registry lock (a folder: file locks there)."""
     client = store.client()
-    with registry_lock(lock_dir, ref.name):
+    with hold_lock(locks, ref.name):
         current = read_state(client, ref.name)
         previous = current.production_version()
         audit = reach_state(client, ref.name, rollback_state(current, ref.version), reason)
