@@ -133,9 +133,9 @@ def prefect_harness():
         yield
 
 
-# The session's release: every wrapper served, with the front door. No fp32 export for runtime
-# parity: test_release_flow's release and test_validation check parity.
-SHARED_RELEASE_CONFIG = {"runtime_parity": False}
+# The session's release is README command 1 on a new user's machine (empty HOME, a temporary
+# Prefect server of its own): `python -m flows.release deployments/local.yaml`.
+FIRST_RUN_ARGUMENT = "deployments/local.yaml"
 
 
 def _uses_shared_release(item: pytest.Item) -> bool:
@@ -144,8 +144,14 @@ def _uses_shared_release(item: pytest.Item) -> bool:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # The shared release starts in the background with the session's first test
-    # (`release_started`); the tests on it run last, when it is ready. Otherwise the order holds.
-    items.sort(key=_uses_shared_release)
+    # (`release_started`); the tests on it run last, when it is ready, and the one that deletes
+    # its state folder runs very last. Otherwise the order holds.
+    items.sort(
+        key=lambda item: (
+            _uses_shared_release(item),
+            item.get_closest_marker("deletes_shared_release") is not None,
+        )
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -155,27 +161,30 @@ def release_started(request, tmp_path_factory) -> Iterator[tuple[ReleaseHome, Po
     if not any(_uses_shared_release(item) for item in request.session.items):
         yield None
         return
+    import yaml
     from prefect.settings import PREFECT_API_URL
 
     from slmops.config import ReleaseConfig, Settings, WrapperKind
     from slmops.servers import FRONT_DOOR
     from tasks.serving import served_names, stop_server
     from tests.support.consistency import servers_of_store
-    from tests.support.release_home import ReleaseHome, release_env
+    from tests.support.release_home import REPO_ROOT, ReleaseHome, release_env
 
     request.getfixturevalue("prefect_harness")
     request.getfixturevalue("embedded_repos")
     root = tmp_path_factory.mktemp("release-home")
-    outputs = root / "test-output"
-    outputs.mkdir()
-    config = ReleaseConfig.model_validate(SHARED_RELEASE_CONFIG)
+    outputs = tmp_path_factory.mktemp("release-outputs")
+    config = ReleaseConfig.model_validate(
+        yaml.safe_load((REPO_ROOT / FIRST_RUN_ARGUMENT).read_text())["config"]
+    )
     home = ReleaseHome(
         settings=Settings.from_env({"SLMOPS_HOME": str(root)}),
         env=release_env(root, str(PREFECT_API_URL.value())),
         outputs=outputs,
         names={kind: config.registry.model_name(kind) for kind in WrapperKind},
+        machine_home=tmp_path_factory.mktemp("machine-home"),
     )
-    proc = home.start("first", config.model_dump_json())
+    proc = home.start("first", FIRST_RUN_ARGUMENT, env=home.new_machine_env())
     try:
         yield home, proc
     finally:
@@ -183,9 +192,11 @@ def release_started(request, tmp_path_factory) -> Iterator[tuple[ReleaseHome, Po
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         servers = home.settings.servers_dir
-        with ThreadPoolExecutor() as pool:  # each waits for its process group to exit
-            stops = [pool.submit(stop_server, servers, FRONT_DOOR)]
-            stops += [pool.submit(stop_server, servers, n) for n in served_names(servers)]
+        stops = []
+        if servers.is_dir():  # test_first_run deletes the whole state folder, last
+            with ThreadPoolExecutor() as pool:  # each waits for its process group to exit
+                stops = [pool.submit(stop_server, servers, FRONT_DOOR)]
+                stops += [pool.submit(stop_server, servers, n) for n in served_names(servers)]
         for orphan in servers_of_store(home.store):
             os.killpg(orphan.pid, signal.SIGKILL)
         for stop in stops:
@@ -194,8 +205,8 @@ def release_started(request, tmp_path_factory) -> Iterator[tuple[ReleaseHome, Po
 
 @pytest.fixture(scope="session")
 def released(release_started: tuple[ReleaseHome, Popen] | None) -> ReleaseHome:
-    """One real release for the session, run as operators run it (`python -m flows.release`,
-    HF_TOKEN set, reporting to the session's Prefect server): the three wrappers validated,
+    """One real release for the session, run as a new user runs it (README command 1 with an
+    empty HOME, HF_TOKEN set; test_first_run checks its output): the three wrappers validated,
     registered, promoted and served by `mlflow models serve`, the front door in front of them.
 
     The bad-request, front-door and reliability tests share it. A test that changes what is

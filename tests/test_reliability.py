@@ -228,7 +228,9 @@ def test_the_hf_token_appears_in_no_log_artifact_tag_or_record(
 
     database = Path(str(PREFECT_SERVER_DATABASE_CONNECTION_URL.value()).split("///", 1)[1])
     roots = [
-        home.settings.home,  # MLflow DB, artifacts, server logs, release outputs, caches, locks
+        home.settings.home,  # MLflow DB, artifacts, server logs, caches, locks
+        home.outputs,  # every release's output
+        home.machine_home,  # the first release's own temporary Prefect server: runs and logs
         tmp_path / "gated-home",
         Path(str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value())),
         *database.parent.glob(database.name + "*"),  # Prefect runs, states, logs, artifacts

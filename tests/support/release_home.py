@@ -44,6 +44,21 @@ class ReleaseHome:
     env: dict[str, str]
     outputs: Path
     names: dict[WrapperKind, str]
+    machine_home: Path  # HOME of the new user's machine the first release ran on
+
+    def new_machine_env(self) -> dict[str, str]:
+        """README command 1's environment on a new user's machine: an empty HOME and nothing
+        of Prefect's set, so the release starts a temporary Prefect server of its own, which
+        must create its database. HF_TOKEN is set (it must show up nowhere). The one thing
+        shared with the session is the embedded model's build cache: the build is
+        deterministic, and test_tiny_model checks its progress lines."""
+        keep = ("PATH", "LANG", "LC_ALL", "TMPDIR", "SLMOPS_EMBEDDED_CACHE")
+        return {
+            **{k: os.environ[k] for k in keep if k in os.environ},
+            "HOME": str(self.machine_home),
+            "SLMOPS_HOME": str(self.settings.home),
+            "HF_TOKEN": TOKEN,
+        }
 
     @property
     def store(self) -> ModelStore:
@@ -69,13 +84,15 @@ class ReleaseHome:
         version = self.client.get_model_version_by_alias(self.names[kind], CHAMPION).version
         return f"models:/{self.names[kind]}/{version}"
 
-    def start(self, label: str, config_json: str) -> subprocess.Popen:
-        """`python -m flows.release <json>` in its own process group; output in `outputs`."""
+    def start(self, label: str, config: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """`python -m flows.release <config>` (JSON or a YAML file) in its own process group,
+        in `env` (default: this home's, reporting to the session's Prefect server); output in
+        `outputs`."""
         with open(self.outputs / f"{label}.log", "w") as output:
             return subprocess.Popen(
-                [sys.executable, "-m", "flows.release", config_json],
+                [sys.executable, "-m", "flows.release", config],
                 cwd=REPO_ROOT,
-                env=self.env,
+                env=env if env is not None else self.env,
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
