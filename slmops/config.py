@@ -66,6 +66,10 @@ class HubSpec(Spec):
         "*.safetensors",
         "tokenizer.model",
     )
+    # Transient hub faults (connection refused or cut, timeouts, 429/5xx) are retried this many
+    # times, the first after `retry_backoff_s`, doubling; a wrong repo or revision never is.
+    retries: int = Field(default=3, ge=0, le=10)
+    retry_backoff_s: float = Field(default=2.0, ge=0.0, le=600.0)
 
     @field_validator("repo_id", "onnx_repo_id")
     @classmethod

@@ -55,8 +55,8 @@ COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
 # Defaults for the hub; tests and flows pass smaller ones through `fetch_repo` / `with_options`.
 HUB_TIMEOUT_S = 10.0  # read timeout of each hub request, metadata and file content alike
-FETCH_RETRIES = 3
-RETRY_BACKOFF_S = 2.0  # first retry delay; doubles at each retry
+FETCH_RETRIES = HubSpec.model_fields["retries"].default
+RETRY_BACKOFF_S = HubSpec.model_fields["retry_backoff_s"].default  # first delay; then doubles
 
 
 class HubAccessError(ExplainedError):
@@ -390,6 +390,8 @@ def fetch_model_snapshot(spec: HubSpec, hub: HubConnection) -> SnapshotRef:
         hub.cache_dir,
         endpoint=hub.endpoint,
         token=hub.token,
+        retries=spec.retries,
+        retry_backoff_s=spec.retry_backoff_s,
     )
 
 
@@ -407,6 +409,8 @@ def fetch_onnx_release(spec: HubSpec, hub: HubConnection) -> Path:
         hub.cache_dir,
         endpoint=hub.endpoint,
         token=hub.token,
+        retries=spec.retries,
+        retry_backoff_s=spec.retry_backoff_s,
     )
     return ref.path / subfolder
 

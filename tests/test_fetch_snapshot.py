@@ -504,7 +504,8 @@ def test_the_command_line_names_an_unreachable_hub_in_one_line(
 
     from prefect.settings import PREFECT_API_URL
 
-    config = '{"hub": {"source": "hub", "repo_id": "microsoft/Phi-3-mini-4k-instruct", "onnx_repo_id": "microsoft/Phi-3-mini-4k-instruct-onnx"}}'
+    # One quick retry: the retries run, without the default backoff's seconds of waiting.
+    config = '{"hub": {"source": "hub", "repo_id": "microsoft/Phi-3-mini-4k-instruct", "onnx_repo_id": "microsoft/Phi-3-mini-4k-instruct-onnx", "retries": 1, "retry_backoff_s": 0.1}}'
     env = {
         **os.environ,
         "SLMOPS_HOME": str(tmp_path),
@@ -520,4 +521,5 @@ def test_the_command_line_names_an_unreachable_hub_in_one_line(
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: Cannot reach the Hugging Face hub at http://127.0.0.1:9"), last
     assert "HF_ENDPOINT" in last
+    assert "Retry 1/1 will start" in done.stdout + done.stderr  # transient: retried first
     assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
