@@ -34,6 +34,10 @@ TINY_PHI3_NAME_PREFIX = "tiny-phi3"
 EMBEDDED_REPO_IDS = frozenset({TINY_PHI3_REPO_ID, TINY_PHI3_ONNX_REPO_ID})
 
 
+# MLflow's scoring server answers 504 past this many seconds on one request (its own default).
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
+
+
 class Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -196,7 +200,7 @@ class ServeSpec(Spec):
     memory_budget_gb: float | None = Field(default=None, gt=0)
     # Longest a server works on one request before answering 504 (MLflow's default: 60 s, too
     # short for Phi-3-mini in bf16 on a small CPU, see README "Releasing the real Phi-3-mini").
-    request_timeout_s: float = Field(default=60.0, gt=0)
+    request_timeout_s: float = Field(default=DEFAULT_REQUEST_TIMEOUT_S, gt=0)
 
 
 class ModelServerSpec(Spec):
@@ -210,7 +214,7 @@ class ModelServerSpec(Spec):
     base_port: int | None = Field(default=None, ge=1024, le=65535)
     slot: int = Field(default=0, ge=0)  # the blue/green port pair base_port + 2*slot + {0, 1}
     startup_timeout_s: float = Field(default=180.0, gt=0)
-    request_timeout_s: float = Field(default=60.0, gt=0)
+    request_timeout_s: float = Field(default=DEFAULT_REQUEST_TIMEOUT_S, gt=0)
     memory_budget_gb: float | None = Field(default=None, gt=0)
 
     @classmethod

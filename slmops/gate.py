@@ -162,6 +162,17 @@ def _at_least(metric: Metric, value: float, threshold: float, champion: float | 
     )
 
 
+def _at_most(metric: Metric, value: float, threshold: float, champion: float) -> GateCheck:
+    return GateCheck(
+        metric=metric,
+        value=value,
+        champion=champion,
+        threshold=threshold,
+        comparison="<=",
+        passed=value <= threshold,
+    )
+
+
 def _skipped(metric: Metric, value: float | None, comparison: Literal[">=", "<="], why: str):
     return GateCheck(
         metric=metric,
@@ -209,14 +220,7 @@ def decide(
     )
     latency_limit = champion.latency_p95_s * (1 + spec.latency_tolerance) + spec.latency_slack_s
     checks.append(
-        GateCheck(
-            metric="latency_p95_s",
-            value=challenger.latency_p95_s,
-            champion=champion.latency_p95_s,
-            threshold=latency_limit,
-            comparison="<=",
-            passed=challenger.latency_p95_s <= latency_limit,
-        )
+        _at_most("latency_p95_s", challenger.latency_p95_s, latency_limit, champion.latency_p95_s)
     )
     if challenger.peak_rss_mb is None or champion.peak_rss_mb is None:
         checks.append(
@@ -225,14 +229,7 @@ def decide(
     else:
         rss_limit = champion.peak_rss_mb * (1 + spec.rss_tolerance)
         checks.append(
-            GateCheck(
-                metric="peak_rss_mb",
-                value=challenger.peak_rss_mb,
-                champion=champion.peak_rss_mb,
-                threshold=rss_limit,
-                comparison="<=",
-                passed=challenger.peak_rss_mb <= rss_limit,
-            )
+            _at_most("peak_rss_mb", challenger.peak_rss_mb, rss_limit, champion.peak_rss_mb)
         )
     return GateDecision(checks=tuple(checks), champion_version=champion_version, forced=force)
 

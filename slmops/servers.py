@@ -14,12 +14,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from slmops.config import WrapperKind
+from slmops.config import DEFAULT_REQUEST_TIMEOUT_S, WrapperKind
 from slmops.errors import ExplainedError
 from slmops.families import PHI3, ChatFamily
 
 FRONT_DOOR = "front-door"
-DEFAULT_REQUEST_TIMEOUT_S = 60.0  # MLflow's scoring server default
 ServerState = Literal["serving", "unhealthy", "dead", "absent"]
 
 

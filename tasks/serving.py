@@ -31,9 +31,8 @@ from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict
 
-from slmops.config import ModelServerSpec, WrapperKind
+from slmops.config import DEFAULT_REQUEST_TIMEOUT_S, ModelServerSpec, WrapperKind
 from slmops.servers import (
-    DEFAULT_REQUEST_TIMEOUT_S,
     FRONT_DOOR,
     ServerHandle,
     ServerStatus,
