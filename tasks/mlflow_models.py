@@ -31,13 +31,14 @@ from prefect.runtime import flow_run as prefect_flow_run
 
 from slmops import onnx_chat_model, onnx_genai_runtime, onnx_prompt_model, tags
 from slmops.config import GenerationSpec, OnnxExportSpec, WrapperKind
+from slmops.errors import ExplainedError, TransientError
 from slmops.refs import LoggedModelRef
 from slmops.signatures import expected_signature, input_example
 from slmops.store import ModelStore
 from tasks.caching import WhileResultIsLive, logged_model_exists
 from tasks.inplace_logging import log_transformers_in_place
 from tasks.onnx_export import validate_onnx_folder
-from tasks.retrying import retry_if_transient
+from tasks.retrying import is_transient, retry_if_transient
 
 # Re-exported for callers that read them with the tasks of this module.
 CANDIDATE_TAG = tags.CANDIDATE
@@ -56,6 +57,47 @@ _log = logging.getLogger(__name__)
 
 class SnapshotError(ValueError):
     """The snapshot folder is not a Hugging Face causal language model."""
+
+
+class ArtifactStoreError(ExplainedError):
+    """The tracking store took the run, but the artifact store behind it refused the model's
+    files (an MLflow server's `--artifacts-destination`, or S3 reached directly)."""
+
+
+class ArtifactStoreUnavailableError(ArtifactStoreError, TransientError):
+    """The artifact store could not be reached or answered 5xx: the task retries it."""
+
+
+# MLflow's artifact proxy (`mlflow-artifacts:` URIs through `mlflow server`), or S3 reached
+# directly through boto3.
+_ARTIFACT_STORE_MARKERS = ("mlflow-artifacts", "S3UploadFailedError")
+_ARTIFACT_STORE_MODULES = ("botocore", "boto3", "s3transfer")
+
+
+def artifact_store_failure(error: BaseException, store: ModelStore) -> ArtifactStoreError | None:
+    """`error` as an explained artifact-store failure, or None if the artifact store is not
+    what failed. The original error stays chained as the cause."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__module__.startswith(_ARTIFACT_STORE_MODULES) or any(
+            marker in str(current) for marker in _ARTIFACT_STORE_MARKERS
+        ):
+            break
+        current = current.__cause__ or current.__context__
+    else:
+        return None
+    detail = " ".join(str(error).split())[:300]
+    unavailable = is_transient(error) or "500 error responses" in detail
+    kind = ArtifactStoreUnavailableError if unavailable else ArtifactStoreError
+    return kind(
+        f"the artifact store behind {store.tracking_uri} could not store the model's files "
+        f"({'unreachable or failing' if unavailable else 'refused'}: {detail}). The tracking "
+        "server answers, so check what stores its artifacts (`mlflow server "
+        "--artifacts-destination`: the S3 endpoint, bucket and credentials), then run the "
+        "release again; nothing was registered or promoted"
+    )
 
 
 def experiment_id(store: ModelStore, name: str) -> str:
@@ -178,6 +220,9 @@ def candidate_run(
                 yield run_id
         except BaseException as error:
             _discard(client, exp_id, run_id, error)
+            explained = artifact_store_failure(error, store)
+            if explained is not None:
+                raise explained from error
             raise
         client.set_tag(run_id, CANDIDATE_TAG, "true")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 
 from offline_kit.tiny_model import TRAINED_ANSWERS, chat_prompt
@@ -20,14 +21,17 @@ from slmops.store import ModelStore
 from tasks.mlflow_models import (
     CANDIDATE_TAG,
     FAILURE_TAG,
+    ArtifactStoreError,
+    ArtifactStoreUnavailableError,
     SnapshotError,
     _check_source,
+    artifact_store_failure,
     check_causal_lm,
     log_chat_pipeline,
     log_onnx_chat_model,
     log_onnx_prompt_model,
 )
-from tasks.retrying import retry_if_transient
+from tasks.retrying import is_transient, retry_if_transient
 from tasks.validation import local_model_dir
 
 SOURCE = {"repo": "slmops/tiny-phi3", "commit": "0123abcd"}
@@ -306,3 +310,25 @@ def test_bad_input_is_not_retried(tmp_path, fresh_store, monkeypatch, prefect_ha
     assert log_bad(return_state=True).is_failed()
     assert len(calls) == 1  # retries=2 is for the store, not for a folder that is not a model
     assert _no_models_logged(fresh_store)
+
+
+@pytest.mark.unit
+def test_an_artifact_store_failure_is_explained_and_retried_only_when_transient():
+    store = ModelStore(tracking_uri="http://127.0.0.1:5000")
+    url = "http://127.0.0.1:5000/api/2.0/mlflow-artifacts/artifacts/1/abc/artifacts/model.bin"
+    down = MlflowException(
+        f"API request to {url} failed with exception HTTPConnectionPool(host='127.0.0.1', "
+        "port=5000): Max retries exceeded (Caused by ResponseError('too many 500 error "
+        "responses'))"
+    )
+    explained = artifact_store_failure(down, store)
+    assert isinstance(explained, ArtifactStoreUnavailableError) and is_transient(explained)
+    assert "the artifact store behind http://127.0.0.1:5000" in str(explained)
+    assert "--artifacts-destination" in str(explained) and url in str(explained)
+
+    refused = MlflowException(f"API request to {url} failed with error code 403 != 200")
+    explained = artifact_store_failure(refused, store)
+    assert type(explained) is ArtifactStoreError and not is_transient(explained)
+
+    assert artifact_store_failure(ValueError("not a causal LM"), store) is None
+    assert artifact_store_failure(MlflowException("RESOURCE_DOES_NOT_EXIST"), store) is None
