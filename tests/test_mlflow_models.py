@@ -327,3 +327,17 @@ def test_bad_input_is_not_retried(tmp_path, tracking_uri, monkeypatch, prefect_h
     assert log_bad(return_state=True).is_failed()
     assert len(calls) == 1  # retries=2 is for the store, not for a folder that is not a model
     assert _no_models_logged(tracking_uri)
+
+
+@pytest.mark.integration
+def test_the_logged_onnx_models_stream_through_pyfunc(store, logged):
+    chat = _load(store, logged[WrapperKind.CHAT_ONNX])
+    request = {"messages": [{"role": "user", "content": "What is the capital of Spain?"}]}
+    (whole,) = chat.predict(request)
+    chunks = list(chat.predict_stream(request))
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert content == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["usage"] == whole["usage"]
+    prompt = _load(store, logged[WrapperKind.PROMPT_ONNX])
+    question = {"prompt": chat_prompt("What is the capital of Spain?")}
+    assert "".join(prompt.predict_stream(question)) == prompt.predict(question)[0]
