@@ -19,6 +19,7 @@ held back, never sent), a chunk with the `finish_reason`, then one with `usage` 
 from __future__ import annotations
 
 import math
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -110,6 +111,18 @@ class OnnxChatModel(PythonModel):
         self._temperature = float(config.get("temperature", runtime.DEFAULT_TEMPERATURE))
         self._model_name = str(config.get("model_name") or folder.name)
         self._context_length = self._runtime.context_length
+        # Served: the engine's token stream on the port the serve task gave (see
+        # `onnx_genai_runtime.serve_token_stream`); loaded anywhere else, nothing is opened.
+        stream_port = os.environ.get(runtime.STREAM_PORT_VARIABLE)
+        self._stream_server = (
+            runtime.serve_token_stream(
+                int(stream_port),
+                lambda r: self.predict_stream(context, r),
+                lambda: self._runtime.engine.in_flight,
+            )
+            if stream_port
+            else None
+        )
 
     def predict(
         self,

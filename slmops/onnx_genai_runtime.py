@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import json
 import queue
 import threading
@@ -553,3 +554,81 @@ class TextTurn:
         for _ in self.deltas():
             pass
         return self.stream.text
+
+
+# The token stream of a served model. `mlflow models serve` only calls `predict` (MLflow issue
+# #12439: no streaming route), so a served ONNX chat model also answers on a second local port,
+# given by the serve task in STREAM_PORT_VARIABLE: `POST /stream` with the `/invocations` chat
+# body answers one JSON chunk per line (`predict_stream`'s chunks) as the engine makes them. It
+# is the same process and the same engine as `/invocations`: one copy of the weights. A client
+# that goes away cancels the generation (the next write fails, the stream is closed).
+STREAM_PORT_VARIABLE = "SLMOPS_STREAM_PORT"
+STREAM_PATH = "/stream"
+
+
+def serve_token_stream(
+    port: int,
+    stream: Callable[[dict[str, Any]], Iterator[dict[str, Any]]],
+    in_flight: Callable[[], int],
+    host: str = "127.0.0.1",
+) -> Any:
+    """Serve `stream(request)` as newline-delimited JSON on `host:port`, in daemon threads;
+    `GET /health` says how many turns the engine has in flight."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mlflow.exceptions import MlflowException as _MlflowException
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"  # the end of the body is the end of the connection
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass  # uvicorn's log is the server's log
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path != "/health":
+                self._answer(404, {"message": f"no route {self.path}"})
+                return
+            self._answer(200, {"status": "ok", "in_flight": in_flight()})
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path != STREAM_PATH:
+                self._answer(404, {"message": f"no route {self.path}"})
+                return
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                request = json.loads(self.rfile.read(length))
+                chunks = stream(request)
+                first = next(chunks)  # a bad request fails here, before any 200
+            except _MlflowException as error:
+                self._answer(400, {"error_code": error.error_code, "message": error.message})
+                return
+            except (ValueError, TypeError) as error:
+                self._answer(400, {"error_code": "BAD_REQUEST", "message": str(error)})
+                return
+            except Exception as error:
+                self._answer(500, {"error_code": "INTERNAL_ERROR", "message": str(error)})
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.end_headers()
+            try:
+                for chunk in itertools.chain([first], chunks):
+                    self.wfile.write(json.dumps(chunk).encode() + b"\n")
+                    self.wfile.flush()
+            except OSError:
+                pass  # the client went away: closing the stream cancels the generation
+            finally:
+                chunks.close()  # type: ignore[attr-defined]
+
+        def _answer(self, status: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="token-stream", daemon=True).start()
+    return server
