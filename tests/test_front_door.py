@@ -9,7 +9,13 @@ process, in front of both chat wrappers of the embedded tiny Phi-3 served with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +39,7 @@ from slmops.config import (
     WrapperKind,
 )
 from slmops.front_door import FrontDoorSettings, create_app
-from slmops.servers import FRONT_DOOR, ServerHandle, write_handle
+from slmops.servers import FRONT_DOOR, ServerHandle, answer_text, write_handle
 from tasks.mlflow_models import log_onnx_chat_model
 from tasks.registry import register_version
 from tasks.serving import (
@@ -397,6 +403,30 @@ def test_metrics_parse_and_move(tmp_path):
     }
 
 
+@pytest.mark.unit
+def test_past_its_deadline_a_request_is_a_504_and_its_slot_is_freed(tmp_path):
+    fake = _streaming_fake(tmp_path, FrontDoorSettings(max_concurrency=1, deadline_s=0.2))
+    gone = threading.Event()
+
+    async def never(request: httpx.Request) -> httpx.Response:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            gone.set()  # the front door let go of the model's stream
+        raise AssertionError("unreachable")
+
+    fake.upstream.replies[6002] = never
+    messages = [{"role": "user", "content": SPAIN}]
+    with pytest.raises(openai.APIStatusError) as err:
+        fake.client.chat.completions.create(model=CHAT_ONNX, messages=messages)
+    assert err.value.status_code == 504 and err.value.code == "deadline_exceeded"
+    with pytest.raises(openai.APIStatusError) as err:
+        fake.client.chat.completions.create(model=CHAT_ONNX, messages=messages, stream=True)
+    assert err.value.status_code == 504 and gone.is_set()
+    fake.upstream.replies[6002] = _ndjson(*TOKEN_STREAM)
+    assert fake.client.chat.completions.create(model=CHAT_ONNX, messages=messages).choices
+
+
 def _samples(http: TestClient, name: str, at_least: float | None = None) -> dict[str, float]:
     """name -> the sum of its samples over all labels (absent: not in the dict)."""
     total: dict[str, float] = {}
@@ -574,3 +604,134 @@ def test_a_dead_model_server_is_a_503(served, restores_serving):
             messages=[{"role": "user", "content": SPAIN}],
         )
     assert err.value.status_code == 503
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("kind", CHAT_KINDS, ids=str)
+def test_streamed_chunks_join_to_the_whole_answer(served, kind):
+    model = served.names[kind]
+    messages = [{"role": "user", "content": SPAIN}]
+    whole = served.client.chat.completions.create(model=model, messages=messages, max_tokens=16)
+    with served.client.chat.completions.with_streaming_response.create(
+        model=model, messages=messages, max_tokens=16, stream=True,
+        stream_options={"include_usage": True},
+    ) as response:  # fmt: skip
+        streaming = response.headers["x-slmops-streaming"]
+        chunks = list(response.parse())
+    content = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(content) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage == whole.usage
+    if kind is WrapperKind.CHAT_ONNX:
+        assert streaming == "tokens" and len([c for c in content if c]) > 1
+        # The same answer as the model server's own /invocations.
+        direct = httpx.post(
+            f"{served.handle(kind).url}/invocations",
+            json={"messages": messages, "max_tokens": 16},
+            timeout=60,
+        ).json()
+        assert answer_text(kind, direct) == "".join(content)
+    else:
+        assert streaming == "whole-answer"
+
+
+@pytest.mark.e2e
+def test_sixteen_concurrent_greedy_requests_equal_sequential_ones(served):
+    model = served.names[WrapperKind.CHAT_ONNX]
+    questions = [SPAIN, "What is the capital of France?", "What color is the sky?", "Why?"] * 4
+
+    def ask(question: str) -> tuple:
+        answer = served.client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}], max_tokens=24
+        )
+        return answer.choices[0].message.content, answer.usage.completion_tokens
+
+    sequential = [ask(q) for q in questions]
+    with ThreadPoolExecutor(16) as pool:
+        concurrent = list(pool.map(ask, questions))
+    assert concurrent == sequential
+
+
+@pytest.fixture()
+def strict_door(served, tmp_path):
+    """A second front door over the same servers: one request per model at a time, no queue."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "SLMOPS_FRONT_DOOR_MAX_CONCURRENCY": "1",
+        "SLMOPS_FRONT_DOOR_MAX_QUEUE": "0",
+    }
+    with open(tmp_path / "door.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "slmops.front_door", "--servers-dir", str(served.servers),
+             "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError((tmp_path / "door.log").read_text())
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _in_flight(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "slmops_in_flight"
+    )
+
+
+@pytest.mark.e2e
+def test_an_overload_gets_429s_while_the_model_keeps_answering(served, strict_door):
+    body = {"model": served.names[WrapperKind.CHAT_ONNX], "max_tokens": 24,
+            "messages": [{"role": "user", "content": SPAIN}]}  # fmt: skip
+    start = threading.Barrier(16)
+
+    def post(_: int) -> int:
+        start.wait()
+        return httpx.post(f"{strict_door}/v1/chat/completions", json=body, timeout=60).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(post, range(16)))
+    assert set(codes) == {200, 429} and codes.count(200) >= 1
+    after = httpx.post(f"{strict_door}/v1/chat/completions", json=body, timeout=60)
+    assert after.status_code == 200 and "Madrid" in after.text
+
+
+@pytest.mark.e2e
+def test_a_client_that_disconnects_frees_its_slot(served, strict_door):
+    body = {"model": served.names[WrapperKind.CHAT_ONNX], "max_tokens": 24, "stream": True,
+            "messages": [{"role": "user", "content": SPAIN}]}  # fmt: skip
+    with httpx.stream("POST", f"{strict_door}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert next(r.iter_lines()).startswith("data: ")
+    # Gone mid-stream: the slot comes back, and the only slot answers the next request.
+    for _ in range(600):
+        if _in_flight(strict_door) == 0:
+            break
+        time.sleep(0.05)
+    assert _in_flight(strict_door) == 0
+    answer = httpx.post(
+        f"{strict_door}/v1/chat/completions", json={**body, "stream": False}, timeout=60
+    )
+    assert answer.status_code == 200
+    stream_url = served.handle(WrapperKind.CHAT_ONNX).stream_url
+    health = httpx.get(stream_url.replace("/stream", "/health"), timeout=5).json()
+    assert health["in_flight"] == 0  # nothing left generating in the model server
