@@ -130,6 +130,11 @@ class GenerationSpec(Spec):
 
     max_new_tokens: int = Field(default=64, ge=1, le=2048)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)  # 0 = greedy, reproducible
+    # The ONNX wrappers' shared onnxruntime-genai engine: turns generated together, and the
+    # tokens (prompt + answer) one turn may reach, which also sizes each batch slot's KV cache.
+    # 4 is what onnxruntime-genai configures on CPU by itself (slmops.onnx_genai_runtime).
+    engine_max_batch_size: int = Field(default=4, ge=1, le=64)
+    engine_token_budget: int = Field(default=2048, ge=16)
 
     @property
     def do_sample(self) -> bool:

@@ -11,26 +11,58 @@ template), and returns `finish_reason: null` and empty `usage` although both mod
 Both of our chat wrappers (the transformers `llm/v1/chat` pipeline and the onnxruntime-genai
 chat pyfunc) already take and return OpenAI chat completions at `/invocations`. So this is the
 smallest shim that keeps that contract intact: it validates the OpenAI request, refuses what it
-cannot do honestly (streaming, tools, sampling knobs it does not forward), forwards `messages`,
+cannot do honestly (tools, sampling knobs it does not forward), forwards `messages`,
 `max_tokens`, `temperature`, `stop` and `n` unchanged, and unwraps the completion. Which server
 answers for a model is re-read from its state file `<servers_dir>/<name>.json` on every request,
 so a blue/green switch by the release flow is picked up at once and the front door's own
 address never changes.
 
-Run it with `python -m slmops.front_door --servers-dir D --host 127.0.0.1 --port P`.
+Streaming (`stream: true`, server-sent events in OpenAI's chunk format). MLflow's scoring server
+cannot stream (MLflow issue #12439), so the served ONNX chat model also exposes its engine's
+token stream on a second local port of the same process (`ServerHandle.stream_port`, assigned by
+the serve task; one copy of the weights): the front door relays those chunks as they come, and
+sends the ONNX model's requests (n=1) through that stream even when not streaming, so that a
+deadline or a client that goes away cancels the generation. The transformers wrapper has no
+token stream (it would need a second copy of the model in the server): `stream: true` gets its
+whole answer as chunks, with the header `X-Slmops-Streaming: whole-answer` (token streams say
+`tokens`).
+
+Limits, per served model: `max_concurrency` requests in flight and `max_queue` waiting; past
+that, 429 with `Retry-After`. Each request has a deadline (`deadline_s`, queueing included):
+past it, 504 (or an error event in a stream that has begun), and the ONNX generation is
+cancelled. `/metrics` is Prometheus text; `/live` answers while the process runs, `/ready` when
+every chat model's server answers `/ping` (its model is loaded). With an API key set
+(`SLMOPS_FRONT_DOOR_API_KEY`), `/v1/*` needs `Authorization: Bearer <key>` (else 401).
+
+Run it with `python -m slmops.front_door --servers-dir D --host 127.0.0.1 --port P`; limits come
+from `SLMOPS_FRONT_DOOR_*` environment variables (`FrontDoorSettings`), read in `main`.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slmops.config import WrapperKind
@@ -65,6 +97,12 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
 class ChatCompletionRequest(BaseModel):
     """The OpenAI chat-completion fields this front door honours."""
 
@@ -78,6 +116,7 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int | None = Field(default=None, ge=1)
     stream: bool | None = None
+    stream_options: StreamOptions | None = None
 
     def upstream_body(self) -> dict[str, Any]:
         """The `/invocations` body: only what the client gave, in the models' chat shape."""
@@ -100,16 +139,26 @@ class ChatCompletionRequest(BaseModel):
 class FrontDoorError(Exception):
     """An OpenAI-style error answer."""
 
-    def __init__(self, status: int, message: str, error_type: str, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_type: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
         self.code = code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.error_type, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        error = {"message": self.message, "type": self.error_type, "code": self.code}
-        return JSONResponse({"error": error}, status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def invalid_request(message: str, code: str = "invalid_request") -> FrontDoorError:
@@ -151,7 +200,8 @@ def parse_request(payload: Any) -> ChatCompletionRequest:
     if unsupported:
         raise invalid_request(
             f"unsupported parameter(s): {', '.join(unsupported)}; this endpoint takes model, "
-            "messages, max_tokens (or max_completion_tokens), temperature, stop, n",
+            "messages, max_tokens (or max_completion_tokens), temperature, stop, n, stream, "
+            "stream_options",
             "unsupported_parameter",
         )
     known = {k: v for k, v in payload.items() if k in ChatCompletionRequest.model_fields}
@@ -161,12 +211,8 @@ def parse_request(payload: Any) -> ChatCompletionRequest:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise invalid_request(f"{where}: {first['msg']}") from exc
-    if request.stream:
-        raise invalid_request(
-            "streaming is not supported: the served models answer whole completions; "
-            "send stream=false",
-            "stream_not_supported",
-        )
+    if request.stream and request.n not in (None, 1):
+        raise invalid_request("a streamed completion has one choice; send n=1", "stream_n")
     return request
 
 
@@ -237,22 +283,211 @@ def _created(backend: Backend) -> int:
         return 0
 
 
-def create_app(servers_dir: Path, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+class FrontDoorSettings(BaseModel):
+    """Limits and access of the front door (environment: `SLMOPS_FRONT_DOOR_<FIELD>`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Per served model. 4 in flight = the ONNX engine's batch; the transformers server answers
+    # one request at a time whatever this says (the others wait in its thread pool).
+    max_concurrency: int = Field(default=4, ge=1)
+    max_queue: int = Field(default=16, ge=0)
+    deadline_s: float = Field(default=300.0, gt=0)  # queueing + generation, per request
+    retry_after_s: int = Field(default=1, ge=1)
+    api_key: str | None = None  # None: no key needed
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> FrontDoorSettings:
+        values = {
+            name: env[variable]
+            for name in cls.model_fields
+            if (variable := f"SLMOPS_FRONT_DOOR_{name.upper()}") in env and env[variable]
+        }
+        return cls.model_validate(values)
+
+
+@dataclass
+class ModelGate:
+    """A served model's admission: `limit` requests in flight, `queue` more waiting."""
+
+    limit: int
+    queue: int
+    retry_after_s: int = 1
+    in_flight: int = 0
+    waiting: int = 0
+    _free: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def enter(self, timeout_s: float) -> None:
+        """Take a slot; 429 when the queue is full, 504 when none frees up in time."""
+        if self.in_flight >= self.limit and self.waiting >= self.queue:
+            raise FrontDoorError(
+                429,
+                f"the model is busy ({self.in_flight} in flight, {self.waiting} waiting); "
+                "retry later",
+                "rate_limit_error",
+                "overloaded",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+        self.waiting += 1
+        try:
+            async with self._free:
+                await asyncio.wait_for(
+                    self._free.wait_for(lambda: self.in_flight < self.limit), timeout_s
+                )
+                self.in_flight += 1
+        except TimeoutError as exc:
+            raise deadline_exceeded("waiting for a free slot") from exc
+        finally:
+            self.waiting -= 1
+
+    async def leave(self) -> None:
+        async with self._free:
+            self.in_flight -= 1
+            self._free.notify()
+
+
+def deadline_exceeded(where: str) -> FrontDoorError:
+    return FrontDoorError(
+        504, f"the request's deadline passed {where}", "server_error", "deadline_exceeded"
+    )
+
+
+LABELS = ("model", "version", "alias")
+
+
+class FrontDoorMetrics:
+    """What `/metrics` shows, labelled by registered model, version and the name asked for
+    (`alias`: the registered name, or a kind such as `chat-onnx`)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("slmops_requests", "Chat completion requests", LABELS, registry=r)
+        self.errors = Counter(
+            "slmops_request_errors", "Requests answered with an error, by HTTP status",
+            (*LABELS, "code"), registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "slmops_queue_depth", "Requests waiting for a slot", LABELS, registry=r
+        )
+        self.in_flight = Gauge("slmops_in_flight", "Requests being answered", LABELS, registry=r)
+        self.ttft = Histogram(
+            "slmops_time_to_first_token_seconds", "From arrival to the first content token",
+            LABELS, registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )  # fmt: skip
+        self.inter_token = Histogram(
+            "slmops_inter_token_latency_seconds", "Between two streamed content chunks",
+            LABELS, registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )  # fmt: skip
+        self.generated_tokens = Counter(
+            "slmops_generated_tokens", "Completion tokens generated", LABELS, registry=r
+        )
+
+
+def _labels(backend: Backend | None, asked: str) -> dict[str, str]:
+    if backend is None:
+        return {"model": "", "version": "", "alias": asked}
+    version = backend.model_uri.rsplit("/", 1)[-1] if backend.model_uri else ""
+    return {"model": backend.name, "version": version, "alias": asked}
+
+
+def _chunk_head(chunk: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: chunk[k] for k in ("id", "created") if k in chunk}
+
+
+async def _token_chunks(
+    client: httpx.AsyncClient, backend: Backend, body: dict[str, Any]
+) -> AsyncIterator[dict[str, Any]]:
+    """The chunks of the model's token stream, as it sends them."""
+    assert backend.stream_url is not None
+    try:
+        async with client.stream("POST", backend.stream_url, json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise _upstream_error(response, backend)
+            async for line in response.aiter_lines():
+                if line.strip():
+                    yield json.loads(line)
+    except httpx.TransportError as exc:
+        raise _unreachable(backend, exc) from exc
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def create_app(
+    servers_dir: Path,
+    transport: httpx.AsyncBaseTransport | None = None,
+    settings: FrontDoorSettings | None = None,
+) -> FastAPI:
     """The front door over the model servers recorded in `servers_dir`.
 
     Args:
         servers_dir: where `tasks.serving` keeps one state file per served model.
         transport: httpx transport to the model servers (tests pass a fake one).
+        settings: limits and API key (defaults: `FrontDoorSettings()`, no key).
     """
+    settings = settings or FrontDoorSettings()
     app = FastAPI(title="slmops OpenAI-compatible front door", docs_url=None, redoc_url=None)
+    metrics = FrontDoorMetrics()
+    app.state.metrics = metrics
+    gates: dict[str, ModelGate] = {}
+
+    def gate_of(backend: Backend) -> ModelGate:
+        if backend.name not in gates:
+            gates[backend.name] = ModelGate(
+                settings.max_concurrency, settings.max_queue, settings.retry_after_s
+            )
+        return gates[backend.name]
 
     @app.exception_handler(FrontDoorError)
     async def _openai_error(request: Request, exc: FrontDoorError) -> JSONResponse:
         return exc.response()
 
+    @app.middleware("http")
+    async def _api_key(request: Request, call_next: Any) -> Response:
+        needs_key = settings.api_key and request.url.path.startswith("/v1")
+        if needs_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
+            return FrontDoorError(
+                401, "a valid API key is needed (Authorization: Bearer <key>)",
+                "invalid_request_error", "invalid_api_key",
+            ).response()  # fmt: skip
+        response: Response = await call_next(request)
+        return response
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "models": sorted(served_chat_models(servers_dir))}
+
+    @app.get("/live")
+    async def live() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        backends = served_chat_models(servers_dir)
+        async with httpx.AsyncClient(transport=transport, timeout=5.0) as client:
+
+            async def loaded(backend: Backend) -> bool:
+                try:
+                    return (await client.get(f"{backend.url}/ping")).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            states = await asyncio.gather(*(loaded(b) for b in backends.values()))
+        models = dict(zip(backends, states, strict=True))
+        ok = bool(models) and all(models.values())
+        return JSONResponse(
+            {"status": "ready" if ok else "not ready", "models": models},
+            status_code=200 if ok else 503,
+        )
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -267,16 +502,97 @@ def create_app(servers_dir: Path, transport: httpx.AsyncBaseTransport | None = N
         backend = resolve_model(servers_dir, model)
         return {"id": model, "object": "model", "created": _created(backend), "owned_by": "slmops"}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> dict[str, Any]:
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Any:
+        started = time.monotonic()
+        asked, backend = "", None
         try:
-            payload = json.loads(await request.body())
-        except ValueError as exc:
-            raise invalid_request(f"the body is not JSON: {exc}") from exc
-        chat = parse_request(payload)
-        backend = resolve_model(servers_dir, chat.model)
-        async with httpx.AsyncClient(transport=transport, timeout=UPSTREAM_TIMEOUT_S) as client:
-            backend, response = await _invoke(client, servers_dir, backend, chat.upstream_body())
+            try:
+                payload = json.loads(await request.body())
+            except ValueError as exc:
+                raise invalid_request(f"the body is not JSON: {exc}") from exc
+            asked = str(payload.get("model", "")) if isinstance(payload, dict) else ""
+            chat = parse_request(payload)
+            backend = resolve_model(servers_dir, chat.model)
+            labels = _labels(backend, chat.model)
+            metrics.requests.labels(**labels).inc()
+            gate = gate_of(backend)
+            metrics.queue_depth.labels(**labels).inc()
+            try:
+                await gate.enter(settings.deadline_s)
+            finally:
+                metrics.queue_depth.labels(**labels).dec()
+            metrics.in_flight.labels(**labels).inc()
+            answer = _Answer(
+                chat, backend, labels, started + settings.deadline_s, started, transport, metrics
+            )
+
+            async def release() -> None:
+                metrics.in_flight.labels(**labels).dec()
+                await gate.leave()
+
+            if chat.stream:
+                return await answer.stream(request, servers_dir, release)
+            try:
+                return await answer.whole(servers_dir)
+            finally:
+                await release()
+        except FrontDoorError as error:
+            metrics.errors.labels(**_labels(backend, asked), code=str(error.status)).inc()
+            raise
+
+    return app
+
+
+@dataclass
+class _Answer:
+    """One admitted chat request: answered whole or streamed, within its deadline."""
+
+    chat: ChatCompletionRequest
+    backend: Backend
+    labels: dict[str, str]
+    deadline: float  # time.monotonic()
+    started: float
+    transport: httpx.AsyncBaseTransport | None
+    metrics: FrontDoorMetrics
+
+    @property
+    def tokens_streamed(self) -> bool:
+        # The ONNX chat model's token stream answers one choice (n=1).
+        return self.backend.stream_url is not None and self.chat.n in (None, 1)
+
+    def remaining(self) -> float:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise deadline_exceeded("before the answer was complete")
+        return remaining
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=self.transport, timeout=UPSTREAM_TIMEOUT_S)
+
+    async def whole(self, servers_dir: Path) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(self.remaining()):
+                if self.tokens_streamed:
+                    completion = await self._joined()
+                else:
+                    completion = await self._invocation(servers_dir)
+        except TimeoutError as exc:
+            # Leaving the block closed the connection to the model: its token stream's next
+            # write fails and the generation is cancelled. (`/invocations` cannot be cancelled:
+            # MLflow's server finishes that request in its thread.)
+            raise deadline_exceeded("before the answer was complete") from exc
+        usage = completion.get("usage") or {}
+        self.metrics.generated_tokens.labels(**self.labels).inc(
+            int(usage.get("completion_tokens") or 0)
+        )
+        return {**completion, "object": "chat.completion", "model": self.chat.model}
+
+    async def _invocation(self, servers_dir: Path) -> dict[str, Any]:
+        async with self.client() as client:
+            backend, response = await _invoke(
+                client, servers_dir, self.backend, self.chat.upstream_body()
+            )
         if response.status_code != 200:
             raise _upstream_error(response, backend)
         try:
@@ -285,10 +601,116 @@ def create_app(servers_dir: Path, transport: httpx.AsyncBaseTransport | None = N
             raise FrontDoorError(
                 502, f"{backend.name} answered non-JSON", "server_error", "upstream_error"
             ) from exc
-        completion = completion_from(body, backend)
-        return {**completion, "object": "chat.completion", "model": chat.model}
+        return completion_from(body, backend)
 
-    return app
+    async def _joined(self) -> dict[str, Any]:
+        """A whole completion from the token stream (cancellable, unlike `/invocations`)."""
+        head: dict[str, Any] = {}
+        content: list[str] = []
+        finish_reason = None
+        usage = None
+        async with self.client() as client:
+            async for chunk in self._observed(_token_chunks(client, self.backend, self._body())):
+                head = head or _chunk_head(chunk)
+                for choice in chunk.get("choices") or []:
+                    content.append(choice.get("delta", {}).get("content") or "")
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                usage = chunk.get("usage") or usage
+        message = {"role": "assistant", "content": "".join(content)}
+        choice = {"index": 0, "message": message, "finish_reason": finish_reason}
+        return {**head, "choices": [choice], "usage": usage}
+
+    def _body(self) -> dict[str, Any]:
+        return self.chat.upstream_body()
+
+    async def _observed(
+        self, chunks: AsyncIterator[dict[str, Any]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The chunks, timing the first content and the gaps between contents."""
+        last = None
+        async for chunk in chunks:
+            has_content = any(
+                (c.get("delta") or {}).get("content") for c in chunk.get("choices") or []
+            )
+            if has_content:
+                now = time.monotonic()
+                if last is None:
+                    self.metrics.ttft.labels(**self.labels).observe(now - self.started)
+                else:
+                    self.metrics.inter_token.labels(**self.labels).observe(now - last)
+                last = now
+            yield chunk
+
+    async def stream(self, request: Request, servers_dir: Path, release: Any) -> StreamingResponse:
+        """Server-sent events; errors before the first chunk are ordinary error answers."""
+        client = self.client()
+        try:
+            if self.tokens_streamed:
+                chunks = self._observed(_token_chunks(client, self.backend, self._body()))
+                kind = "tokens"
+            else:
+                chunks = self._whole_as_chunks(servers_dir)
+                kind = "whole-answer"
+            async with asyncio.timeout(self.remaining()):
+                first = await anext(chunks)
+        except BaseException as error:
+            await client.aclose()
+            await release()
+            if isinstance(error, TimeoutError):
+                raise deadline_exceeded("before the first token") from error
+            raise
+        include_usage = bool(self.chat.stream_options and self.chat.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            chunk: dict[str, Any] | None = first
+            try:
+                while chunk is not None:
+                    if chunk.get("usage"):
+                        self.metrics.generated_tokens.labels(**self.labels).inc(
+                            int(chunk["usage"].get("completion_tokens") or 0)
+                        )
+                    if chunk.get("choices") or include_usage:
+                        yield _sse({**chunk, "model": self.chat.model})
+                    try:
+                        async with asyncio.timeout(self.remaining()):
+                            chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        chunk = None
+                yield "data: [DONE]\n\n"
+            except (TimeoutError, FrontDoorError) as error:
+                failure = (
+                    error if isinstance(error, FrontDoorError) else deadline_exceeded("mid-stream")
+                )
+                self.metrics.errors.labels(**self.labels, code=str(failure.status)).inc()
+                yield _sse(failure.body())
+            finally:
+                # A client gone, a deadline or the end: closing the model's stream cancels
+                # whatever it was still generating, and the slot is free again.
+                await chunks.aclose()  # type: ignore[attr-defined]
+                await client.aclose()
+                await release()
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"X-Slmops-Streaming": kind, "Cache-Control": "no-cache"},
+        )
+
+    async def _whole_as_chunks(self, servers_dir: Path) -> AsyncIterator[dict[str, Any]]:
+        """The transformers wrapper's whole answer as chunks: not a token stream."""
+        completion = await self._invocation(servers_dir)
+        head = {
+            "id": completion.get("id") or f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": completion.get("created") or int(time.time()),
+        }
+        choice = completion["choices"][0]
+        message = choice.get("message") or {}
+        delta = {"role": "assistant", "content": message.get("content") or ""}
+        yield {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+        finish = {"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason")}
+        yield {**head, "choices": [finish]}
+        yield {**head, "choices": [], "usage": completion.get("usage")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -299,7 +721,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
-    uvicorn.run(create_app(args.servers_dir), host=args.host, port=args.port, log_level="info")
+    settings = FrontDoorSettings.from_env(os.environ)
+    uvicorn.run(
+        create_app(args.servers_dir, settings=settings),
+        host=args.host,
+        port=args.port,
+        log_level="info",
+    )
 
 
 if __name__ == "__main__":

@@ -6,16 +6,23 @@ chat-completion dicts (one per request row) out, with real token counts and a `f
 of "stop" (end token or stop sequence) or "length" (token budget or context exhausted).
 
 Logged by path with the onnxruntime-genai model folder as the artifact `onnx_model` and
-defaults in `model_config` (`max_new_tokens`, `temperature`, `model_name`). Loading and
-generation come from `onnx_genai_runtime`, logged with the model (`code_paths`), as for
-`onnx_prompt_model.py`.
+defaults in `model_config` (`max_new_tokens`, `temperature`, `model_name`, and the shared
+engine's `engine_max_batch_size` and `engine_token_budget`). Loading and generation come from
+`onnx_genai_runtime`, logged with the model (`code_paths`), as for `onnx_prompt_model.py`.
+
+Concurrent requests (and the `n` choices of one) are generated together by the model's one
+onnxruntime-genai engine. `predict_stream` yields OpenAI `chat.completion.chunk` dicts for one
+request: a role chunk, content deltas as tokens come (a stop sequence split across tokens is
+held back, never sent), a chunk with the `finish_reason`, then one with `usage` and no choices.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import mlflow
@@ -99,11 +106,23 @@ class OnnxChatModel(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         config = dict(context.model_config or {})
         folder = runtime.onnx_folder(context.artifacts, config)
-        self._runtime = runtime.OnnxGenerator(folder)
+        self._runtime = runtime.OnnxGenerator.from_config(folder, config)
         self._max_new_tokens = int(config.get("max_new_tokens", runtime.DEFAULT_MAX_NEW_TOKENS))
         self._temperature = float(config.get("temperature", runtime.DEFAULT_TEMPERATURE))
         self._model_name = str(config.get("model_name") or folder.name)
         self._context_length = self._runtime.context_length
+        # Served: the engine's token stream on the port the serve task gave (see
+        # `onnx_genai_runtime.serve_token_stream`); loaded anywhere else, nothing is opened.
+        stream_port = os.environ.get(runtime.STREAM_PORT_VARIABLE)
+        self._stream_server = (
+            runtime.serve_token_stream(
+                int(stream_port),
+                lambda r: self.predict_stream(context, r),
+                lambda: self._runtime.engine.in_flight,
+            )
+            if stream_port
+            else None
+        )
 
     def predict(
         self,
@@ -113,9 +132,46 @@ class OnnxChatModel(PythonModel):
     ) -> list[dict[str, Any]]:
         return [self._complete(request) for request in requests_from_input(model_input)]
 
+    def predict_stream(
+        self,
+        context: PythonModelContext,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """One request's completion as OpenAI chunks, content as the engine generates it."""
+        requests = requests_from_input(model_input)
+        if len(requests) != 1:
+            raise _invalid(f"predict_stream takes one chat request, got {len(requests)}")
+        request = {k: v for k, v in requests[0].items() if k not in ("stream", "stream_options")}
+        options = self._options(request)
+        if options["n"] != 1:
+            raise _invalid("a streamed completion has one choice; send n=1")
+        input_ids = self._input_ids(request)
+        (turn,) = self._turns(input_ids, options)
+        head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self._model_name,
+        }
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            return {**head, "choices": [choice]}
+
+        yield chunk({"role": "assistant", "content": ""})
+        deltas = turn.deltas()
+        try:
+            for text in deltas:
+                yield chunk({"content": text})
+        finally:
+            deltas.close()  # a consumer that stops reading cancels the generation
+        yield chunk({}, turn.finish_reason)
+        yield {**head, "choices": [], "usage": _usage(len(input_ids), turn.completion_tokens)}
+
     def _options(self, request: dict[str, Any]) -> dict[str, Any]:
         if request.get("stream"):
-            raise _invalid("streaming is not supported; send stream=false")
+            raise _invalid("streaming is not supported here; send stream=false")
         if request.get("tools"):
             raise _invalid("tool calling is not supported by this model")
         for penalty in ("frequency_penalty", "presence_penalty"):
@@ -146,8 +202,7 @@ class OnnxChatModel(PythonModel):
             "stop": _stop_sequences(request.get("stop")),
         }
 
-    def _complete(self, request: dict[str, Any]) -> dict[str, Any]:
-        options = self._options(request)
+    def _input_ids(self, request: dict[str, Any]) -> list[int]:
         messages = _messages(request)
         input_ids = self._runtime.encode(self._runtime.chat_prompt(messages))
         if len(input_ids) >= self._context_length:
@@ -155,49 +210,41 @@ class OnnxChatModel(PythonModel):
                 f"the conversation has {len(input_ids)} tokens; the model's context is "
                 f"{self._context_length}"
             )
-        choices = []
-        completion_tokens = 0
-        for index in range(options["n"]):
-            text, finish_reason, used = self._generate(input_ids, options)
-            completion_tokens += used
-            choices.append(
-                {
-                    "index": index,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": finish_reason,
-                }
-            )
+        return input_ids
+
+    def _turns(self, input_ids: list[int], options: dict[str, Any]) -> list[runtime.TextTurn]:
+        """The request's `n` choices, handed to the engine together (one batch if room)."""
+        spec = runtime.TurnSpec(input_ids, options["max_tokens"], **options["search"])
+        return runtime.TextTurn.start(self._runtime, [spec] * options["n"], options["stop"])
+
+    def _complete(self, request: dict[str, Any]) -> dict[str, Any]:
+        options = self._options(request)
+        input_ids = self._input_ids(request)
+        turns = self._turns(input_ids, options)
+        choices = [
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": turn.run()},
+                "finish_reason": turn.finish_reason,
+            }
+            for index, turn in enumerate(turns)
+        ]
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self._model_name,
             "choices": choices,
-            "usage": {
-                "prompt_tokens": len(input_ids),
-                "completion_tokens": completion_tokens,
-                "total_tokens": len(input_ids) + completion_tokens,
-            },
+            "usage": _usage(len(input_ids), sum(turn.completion_tokens for turn in turns)),
         }
 
-    def _generate(self, input_ids: list[int], options: dict[str, Any]) -> tuple[str, str, int]:
-        """One completion: (text, finish_reason, tokens generated incl. the end token)."""
-        stops: list[str] = options["stop"]
 
-        def hit_stop(new_tokens: list[int]) -> bool:
-            # Decoded as a whole, so a stop sequence split across tokens is still found.
-            text = self._runtime.decode(new_tokens)
-            return any(s in text for s in stops)
-
-        new_tokens = self._runtime.generate(
-            input_ids, options["max_tokens"], **options["search"], stop=hit_stop if stops else None
-        )
-        text = self._runtime.decode(new_tokens)
-        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-        if hits:
-            return text[: min(hits)], "stop", len(new_tokens)
-        ended = bool(new_tokens) and new_tokens[-1] in self._runtime.eos_ids
-        return text, "stop" if ended else "length", len(new_tokens)
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 mlflow.models.set_model(OnnxChatModel())

@@ -1,8 +1,12 @@
 """MLflow model (models-from-code): a batch of raw prompts -> generated text, on onnxruntime-genai.
 
 Logged by path with the onnxruntime-genai model folder as the artifact `onnx_model` and the
-generation options as `model_config` (`max_new_tokens`, `temperature`; 0 means greedy). The
-signature has no params, so options are fixed per logged model.
+generation options as `model_config` (`max_new_tokens`, `temperature`; 0 means greedy;
+`engine_max_batch_size`, `engine_token_budget` for the shared engine). The signature has no
+params, so options are fixed per logged model.
+
+The rows of one request, and concurrent requests, are generated together by the model's one
+onnxruntime-genai engine. `predict_stream` streams one prompt's text as it is generated.
 
 Loading and generation come from `onnx_genai_runtime`, which is logged with the model
 (`code_paths`): a server loads it without slmops installed (mlflow, numpy, pandas and
@@ -11,7 +15,7 @@ onnxruntime-genai are all it needs).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import mlflow
@@ -70,7 +74,9 @@ class OnnxPromptModel(PythonModel):
 
     def load_context(self, context: PythonModelContext) -> None:
         config = dict(context.model_config or {})
-        self._runtime = runtime.OnnxGenerator(runtime.onnx_folder(context.artifacts, config))
+        self._runtime = runtime.OnnxGenerator.from_config(
+            runtime.onnx_folder(context.artifacts, config), config
+        )
         self._max_new_tokens = int(config.get("max_new_tokens", runtime.DEFAULT_MAX_NEW_TOKENS))
         self._temperature = float(config.get("temperature", runtime.DEFAULT_TEMPERATURE))
 
@@ -84,12 +90,27 @@ class OnnxPromptModel(PythonModel):
         encoded = [
             self._encode(index, p) for index, p in enumerate(prompts_from_input(model_input))
         ]
-        return [
-            self._runtime.decode(
-                self._runtime.generate(ids, self._max_new_tokens, self._temperature)
+        # The rows reach the engine together: it batches them.
+        return [turn.run() for turn in self._turns(encoded)]
+
+    def predict_stream(
+        self,
+        context: PythonModelContext,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> Iterator[str]:
+        """The generated text of one prompt, piece by piece as the engine makes it."""
+        prompts = prompts_from_input(model_input)
+        if len(prompts) != 1:
+            raise MlflowException.invalid_parameter_value(
+                f"predict_stream takes one prompt, got {len(prompts)}"
             )
-            for ids in encoded
-        ]
+        (turn,) = self._turns([self._encode(0, prompts[0])])
+        yield from turn.deltas()
+
+    def _turns(self, encoded: list[list[int]]) -> list[runtime.TextTurn]:
+        specs = [runtime.TurnSpec(ids, self._max_new_tokens, self._temperature) for ids in encoded]
+        return runtime.TextTurn.start(self._runtime, specs)
 
     def _encode(self, index: int, prompt: str) -> list[int]:
         input_ids = self._runtime.encode(prompt)

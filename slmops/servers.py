@@ -41,6 +41,13 @@ class ServerHandle(BaseModel):
     kind: WrapperKind | None = None  # None: the front door
     model_uri: str = ""  # the registered version served (models:/name/<version>)
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S  # the server's limit per request
+    # The served ONNX chat model's token stream (`POST /stream`, newline-delimited chunks), on
+    # a second port of the same process: MLflow's scoring server cannot stream. None: no stream.
+    stream_port: int | None = None
+
+    @property
+    def stream_url(self) -> str | None:
+        return f"http://{self.host}:{self.stream_port}/stream" if self.stream_port else None
 
     @property
     def url(self) -> str:

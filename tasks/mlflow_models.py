@@ -360,6 +360,8 @@ def _log_onnx_pyfunc(
     model_config: dict[str, Any] = {
         "max_new_tokens": generation.max_new_tokens,
         "temperature": generation.temperature,
+        onnx_genai_runtime.MAX_BATCH_SIZE_KEY: generation.engine_max_batch_size,
+        onnx_genai_runtime.TOKEN_BUDGET_KEY: generation.engine_token_budget,
     }
     if kind is WrapperKind.CHAT_ONNX:
         model_config["model_name"] = _check_source(source)["repo"]
@@ -385,6 +387,7 @@ def _log_onnx_pyfunc(
             input_example=input_example(kind),
             pip_requirements=_pinned("mlflow", "onnxruntime-genai", "numpy", "pandas"),
             tags={KIND_TAG: kind.value, **_source_tags(source)},
+            streamable=True,  # predict_stream (a model from code is not inspected for it)
         )
     return _ref(info, run_id, kind)
 

@@ -32,6 +32,7 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict
 
 from slmops.config import DEFAULT_REQUEST_TIMEOUT_S, ModelServerSpec, WrapperKind
+from slmops.onnx_genai_runtime import STREAM_PORT_VARIABLE
 from slmops.servers import (
     FRONT_DOOR,
     ServerHandle,
@@ -125,15 +126,24 @@ def launch_server(
     """Start `mlflow models serve` and wait until `/ping` answers; kill it if it never does."""
     servers_dir.mkdir(parents=True, exist_ok=True)
     log_path = servers_dir / f"{name}-{port}.log"
+    # The ONNX chat model streams its engine's tokens on a second port of the same process
+    # (slmops.onnx_genai_runtime.serve_token_stream): `/invocations` cannot stream.
+    stream_port = _free_port(host) if kind is WrapperKind.CHAT_ONNX else None
+    stream_env = {STREAM_PORT_VARIABLE: str(stream_port)} if stream_port else {}
     env = {
         # A served model is loaded from the store, never from the hub: no hub token for it.
-        **{k: v for k, v in os.environ.items() if k not in HUB_TOKEN_VARIABLES},
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if k not in HUB_TOKEN_VARIABLES and k != STREAM_PORT_VARIABLE
+        },
         **store.environment(),
         # Past it a request gets a 504: Phi-3-mini in bf16 on 2 cores needs ~55 s for a
         # 32-token answer, so the default 60 s is too short for the real model.
         "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(int(request_timeout_s)),
         # `mlflow models serve --env-manager local` execs uvicorn from PATH.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        **stream_env,
     }
     cmd = [
         sys.executable, "-m", "mlflow", "models", "serve",
@@ -148,6 +158,7 @@ def launch_server(
         kind=kind,
         model_uri=model_uri,
         request_timeout_s=request_timeout_s,
+        stream_port=stream_port,
         host=host,
         port=port,
         pid=pid,

@@ -8,8 +8,17 @@ process, in front of both chat wrappers of the embedded tiny Phi-3 served with
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +27,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 from prefect.logging import disable_run_logger
+from prometheus_client.parser import text_string_to_metric_families
 
 from flows.release import EXPERIMENT
 from slmops.config import (
@@ -28,8 +38,8 @@ from slmops.config import (
     ServeSpec,
     WrapperKind,
 )
-from slmops.front_door import create_app
-from slmops.servers import FRONT_DOOR, ServerHandle, write_handle
+from slmops.front_door import FrontDoorSettings, create_app
+from slmops.servers import FRONT_DOOR, ServerHandle, answer_text, write_handle
 from tasks.mlflow_models import log_onnx_chat_model
 from tasks.registry import register_version
 from tasks.serving import (
@@ -66,13 +76,15 @@ def completion(content: str = "The capital of Spain is Madrid.", **extra) -> dic
     }
 
 
-def write_state(servers_dir: Path, name: str, kind: WrapperKind, port: int) -> None:
+def write_state(
+    servers_dir: Path, name: str, kind: WrapperKind, port: int, stream_port: int | None = None
+) -> None:
     """A state file exactly as `tasks.serving` writes it."""
     servers_dir.mkdir(parents=True, exist_ok=True)
     handle = ServerHandle(
         name=name, kind=kind, model_uri=f"models:/{name}/1", host="127.0.0.1", port=port,
         pid=1, process_started=0.0, log_path=servers_dir / f"{name}.log",
-        started_at="2026-01-01T00:00:00+00:00",
+        started_at="2026-01-01T00:00:00+00:00", stream_port=stream_port,
     )  # fmt: skip
     write_handle(servers_dir, handle)
 
@@ -179,9 +191,9 @@ def test_refuses_what_it_cannot_do_honestly(fake):
         chat.create(model="gpt-4o", messages=messages)
     with pytest.raises(openai.NotFoundError):
         chat.create(model="phi3-mini-prompt-onnx", messages=messages)
-    with pytest.raises(openai.BadRequestError, match="streaming is not supported") as err:
-        chat.create(model=CHAT_ONNX, messages=messages, stream=True)
-    assert err.value.code == "stream_not_supported"
+    with pytest.raises(openai.BadRequestError, match="one choice") as err:
+        chat.create(model=CHAT_ONNX, messages=messages, stream=True, n=2)
+    assert err.value.code == "stream_n"
     with pytest.raises(openai.BadRequestError, match="unsupported parameter.*top_p"):
         chat.create(model=CHAT_ONNX, messages=messages, top_p=0.5)
     with pytest.raises(openai.BadRequestError, match="messages"):
@@ -231,6 +243,200 @@ def test_a_request_caught_by_a_switch_goes_to_the_new_server(fake):
     )
     assert answer.choices[0].message.content == "new server"
     assert [port for port, _ in fake.upstream.requests] == [5002, 5004]
+
+
+def _chunk(content=None, finish=None, role=None, usage=None) -> dict:
+    head = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1, "model": "x"}
+    if usage is not None:
+        return {**head, "choices": [], "usage": usage}
+    delta = {k: v for k, v in (("role", role), ("content", content)) if v is not None}
+    return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def _ndjson(*chunks: dict) -> httpx.Response:
+    body = b"".join(json.dumps(c).encode() + b"\n" for c in chunks)
+    return httpx.Response(200, content=body, headers={"Content-Type": "application/x-ndjson"})
+
+
+USAGE = {"prompt_tokens": 18, "completion_tokens": 8, "total_tokens": 26}
+TOKEN_STREAM = (
+    _chunk(role="assistant", content=""),
+    *(_chunk(content=piece) for piece in ("The", " capital", " of Spain is", " Madrid.")),
+    _chunk(finish="stop"),
+    _chunk(usage=USAGE),
+)
+
+
+def _streaming_fake(tmp_path, settings: FrontDoorSettings | None = None) -> SimpleNamespace:
+    """The ONNX chat model with a token stream on port 6002, the transformers one without."""
+    servers = tmp_path / "servers"
+    write_state(servers, CHAT_TRANSFORMERS, WrapperKind.CHAT_TRANSFORMERS, 5001)
+    write_state(servers, CHAT_ONNX, WrapperKind.CHAT_ONNX, 5002, stream_port=6002)
+    upstream = FakeUpstream()
+    upstream.replies[5001] = httpx.Response(200, json=[completion()])
+    upstream.replies[6002] = _ndjson(*TOKEN_STREAM)
+    app = create_app(servers, transport=httpx.MockTransport(upstream.handler), settings=settings)
+    http = TestClient(app)
+    client = openai.OpenAI(
+        base_url="http://front-door/v1", api_key="key", http_client=http, max_retries=0
+    )
+    return SimpleNamespace(servers=servers, upstream=upstream, http=http, client=client, app=app)
+
+
+@pytest.mark.unit
+def test_the_onnx_token_stream_is_relayed_as_server_sent_events(tmp_path):
+    fake = _streaming_fake(tmp_path)
+    messages = [{"role": "user", "content": SPAIN}]
+    with fake.client.chat.completions.with_streaming_response.create(
+        model=CHAT_ONNX, messages=messages, stream=True, stream_options={"include_usage": True}
+    ) as response:
+        assert response.headers["x-slmops-streaming"] == "tokens"
+        chunks = list(response.parse())
+    assert [c.choices[0].delta.content for c in chunks[1:5]] == [
+        "The",
+        " capital",
+        " of Spain is",
+        " Madrid.",
+    ]
+    assert chunks[5].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert all(c.model == CHAT_ONNX for c in chunks)
+    port, body = fake.upstream.requests[-1]
+    assert port == 6002 and body["messages"] == messages and "stream" not in body
+    # Without include_usage, no usage chunk; not streamed, the same stream joined.
+    plain = list(
+        fake.client.chat.completions.create(model=CHAT_ONNX, messages=messages, stream=True)
+    )
+    assert all(c.choices for c in plain) and len(plain) == len(chunks) - 1
+    whole = fake.client.chat.completions.create(model=CHAT_ONNX, messages=messages)
+    assert whole.choices[0].message.content == "The capital of Spain is Madrid."
+    assert whole.choices[0].finish_reason == "stop" and whole.usage.completion_tokens == 8
+
+
+@pytest.mark.unit
+def test_the_transformers_answer_is_streamed_whole_and_says_so(tmp_path):
+    fake = _streaming_fake(tmp_path)
+    with fake.client.chat.completions.with_streaming_response.create(
+        model=CHAT_TRANSFORMERS, messages=[{"role": "user", "content": SPAIN}], stream=True
+    ) as response:
+        assert response.headers["x-slmops-streaming"] == "whole-answer"
+        chunks = list(response.parse())
+    assert chunks[0].choices[0].delta.content == "The capital of Spain is Madrid."
+    assert chunks[-1].choices[0].finish_reason == "stop" and len(chunks) == 2
+    assert fake.upstream.requests[-1][0] == 5001
+
+
+@pytest.mark.unit
+def test_a_full_queue_is_a_429_with_retry_after(tmp_path):
+    settings = FrontDoorSettings(max_concurrency=1, max_queue=0, retry_after_s=3)
+    fake = _streaming_fake(tmp_path, settings)
+    release = threading.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return httpx.Response(200, json=[completion()])
+
+    fake.upstream.replies[5001] = slow
+    messages = [{"role": "user", "content": SPAIN}]
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(
+            fake.client.chat.completions.create, model=CHAT_TRANSFORMERS, messages=messages
+        )
+        # The first request holds the only slot until `release`: wait until it does.
+        while "slmops_in_flight" not in _samples(fake.http, "slmops_in_flight", 1.0):
+            time.sleep(0.01)
+        refused = fake.http.post(
+            "/v1/chat/completions", json={"model": CHAT_TRANSFORMERS, "messages": messages}
+        )
+        release.set()
+        assert first.result().choices[0].message.content.endswith("Madrid.")
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "3"
+    assert refused.json()["error"]["code"] == "overloaded"
+    errors = _samples(fake.http, "slmops_request_errors_total")
+    assert errors == {"slmops_request_errors_total": 1.0}
+    # The other model has its own slots.
+    assert fake.client.chat.completions.create(model=CHAT_ONNX, messages=messages).choices
+
+
+@pytest.mark.unit
+def test_the_api_key_is_needed_when_set(tmp_path):
+    fake = _streaming_fake(tmp_path, FrontDoorSettings(api_key="s3cret"))
+    messages = [{"role": "user", "content": SPAIN}]
+    with pytest.raises(openai.AuthenticationError):
+        fake.client.chat.completions.create(model=CHAT_ONNX, messages=messages)
+    keyed = openai.OpenAI(
+        base_url="http://front-door/v1", api_key="s3cret", http_client=fake.http, max_retries=0
+    )
+    assert keyed.chat.completions.create(model=CHAT_ONNX, messages=messages).choices
+    assert fake.http.get("/live").status_code == 200  # health and metrics need no key
+    assert fake.http.get("/metrics").status_code == 200
+    assert FrontDoorSettings.from_env({"SLMOPS_FRONT_DOOR_API_KEY": "k"}).api_key == "k"
+    assert FrontDoorSettings.from_env({}).api_key is None
+
+
+@pytest.mark.unit
+def test_metrics_parse_and_move(tmp_path):
+    fake = _streaming_fake(tmp_path)
+    messages = [{"role": "user", "content": SPAIN}]
+    before = _samples(fake.http, "slmops_generated_tokens_total")
+    list(fake.client.chat.completions.create(model=CHAT_ONNX, messages=messages, stream=True))
+    fake.client.chat.completions.create(model="chat-onnx", messages=messages)
+    with pytest.raises(openai.NotFoundError):
+        fake.client.chat.completions.create(model="gpt-4o", messages=messages)
+    families = {f.name: f for f in text_string_to_metric_families(fake.http.get("/metrics").text)}
+    requests = {
+        (s.labels["model"], s.labels["version"], s.labels["alias"]): s.value
+        for s in families["slmops_requests"].samples
+        if s.name == "slmops_requests_total"
+    }
+    assert requests == {(CHAT_ONNX, "1", CHAT_ONNX): 1.0, (CHAT_ONNX, "1", "chat-onnx"): 1.0}
+    assert before == {} and _samples(fake.http, "slmops_generated_tokens_total") == {
+        "slmops_generated_tokens_total": 16.0
+    }
+    ttft = _samples(fake.http, "slmops_time_to_first_token_seconds_count")
+    assert ttft == {"slmops_time_to_first_token_seconds_count": 2.0}
+    gaps = _samples(fake.http, "slmops_inter_token_latency_seconds_count")
+    assert gaps == {"slmops_inter_token_latency_seconds_count": 6.0}  # 3 gaps per answer
+    assert _samples(fake.http, "slmops_request_errors_total") == {
+        "slmops_request_errors_total": 1.0
+    }
+
+
+@pytest.mark.unit
+def test_past_its_deadline_a_request_is_a_504_and_its_slot_is_freed(tmp_path):
+    fake = _streaming_fake(tmp_path, FrontDoorSettings(max_concurrency=1, deadline_s=0.2))
+    gone = threading.Event()
+
+    async def never(request: httpx.Request) -> httpx.Response:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            gone.set()  # the front door let go of the model's stream
+        raise AssertionError("unreachable")
+
+    fake.upstream.replies[6002] = never
+    messages = [{"role": "user", "content": SPAIN}]
+    with pytest.raises(openai.APIStatusError) as err:
+        fake.client.chat.completions.create(model=CHAT_ONNX, messages=messages)
+    assert err.value.status_code == 504 and err.value.code == "deadline_exceeded"
+    with pytest.raises(openai.APIStatusError) as err:
+        fake.client.chat.completions.create(model=CHAT_ONNX, messages=messages, stream=True)
+    assert err.value.status_code == 504 and gone.is_set()
+    fake.upstream.replies[6002] = _ndjson(*TOKEN_STREAM)
+    assert fake.client.chat.completions.create(model=CHAT_ONNX, messages=messages).choices
+
+
+def _samples(http: TestClient, name: str, at_least: float | None = None) -> dict[str, float]:
+    """name -> the sum of its samples over all labels (absent: not in the dict)."""
+    total: dict[str, float] = {}
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name:
+                total[name] = total.get(name, 0.0) + sample.value
+    if at_least is not None and total.get(name, 0.0) < at_least:
+        return {}
+    return total
 
 
 # --- e2e: real model servers, a real front door process ---------------------------------------
@@ -330,8 +536,6 @@ def test_models_aliases_and_errors(served):
     messages = [{"role": "user", "content": SPAIN}]
     with pytest.raises(openai.NotFoundError):
         served.client.chat.completions.create(model="gpt-4o", messages=messages)
-    with pytest.raises(openai.BadRequestError, match="streaming"):
-        served.client.chat.completions.create(model=chat_onnx, messages=messages, stream=True)
     # The model server's own 400 comes through as a 400: the pipeline takes no `n`.
     with pytest.raises(openai.BadRequestError, match="not valid for pipeline"):
         served.client.chat.completions.create(model=chat_transformers, messages=messages, n=2)
@@ -400,3 +604,134 @@ def test_a_dead_model_server_is_a_503(served, restores_serving):
             messages=[{"role": "user", "content": SPAIN}],
         )
     assert err.value.status_code == 503
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("kind", CHAT_KINDS, ids=str)
+def test_streamed_chunks_join_to_the_whole_answer(served, kind):
+    model = served.names[kind]
+    messages = [{"role": "user", "content": SPAIN}]
+    whole = served.client.chat.completions.create(model=model, messages=messages, max_tokens=16)
+    with served.client.chat.completions.with_streaming_response.create(
+        model=model, messages=messages, max_tokens=16, stream=True,
+        stream_options={"include_usage": True},
+    ) as response:  # fmt: skip
+        streaming = response.headers["x-slmops-streaming"]
+        chunks = list(response.parse())
+    content = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(content) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage == whole.usage
+    if kind is WrapperKind.CHAT_ONNX:
+        assert streaming == "tokens" and len([c for c in content if c]) > 1
+        # The same answer as the model server's own /invocations.
+        direct = httpx.post(
+            f"{served.handle(kind).url}/invocations",
+            json={"messages": messages, "max_tokens": 16},
+            timeout=60,
+        ).json()
+        assert answer_text(kind, direct) == "".join(content)
+    else:
+        assert streaming == "whole-answer"
+
+
+@pytest.mark.e2e
+def test_sixteen_concurrent_greedy_requests_equal_sequential_ones(served):
+    model = served.names[WrapperKind.CHAT_ONNX]
+    questions = [SPAIN, "What is the capital of France?", "What color is the sky?", "Why?"] * 4
+
+    def ask(question: str) -> tuple:
+        answer = served.client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}], max_tokens=24
+        )
+        return answer.choices[0].message.content, answer.usage.completion_tokens
+
+    sequential = [ask(q) for q in questions]
+    with ThreadPoolExecutor(16) as pool:
+        concurrent = list(pool.map(ask, questions))
+    assert concurrent == sequential
+
+
+@pytest.fixture()
+def strict_door(served, tmp_path):
+    """A second front door over the same servers: one request per model at a time, no queue."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "SLMOPS_FRONT_DOOR_MAX_CONCURRENCY": "1",
+        "SLMOPS_FRONT_DOOR_MAX_QUEUE": "0",
+    }
+    with open(tmp_path / "door.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "slmops.front_door", "--servers-dir", str(served.servers),
+             "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError((tmp_path / "door.log").read_text())
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _in_flight(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "slmops_in_flight"
+    )
+
+
+@pytest.mark.e2e
+def test_an_overload_gets_429s_while_the_model_keeps_answering(served, strict_door):
+    body = {"model": served.names[WrapperKind.CHAT_ONNX], "max_tokens": 24,
+            "messages": [{"role": "user", "content": SPAIN}]}  # fmt: skip
+    start = threading.Barrier(16)
+
+    def post(_: int) -> int:
+        start.wait()
+        return httpx.post(f"{strict_door}/v1/chat/completions", json=body, timeout=60).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(post, range(16)))
+    assert set(codes) == {200, 429} and codes.count(200) >= 1
+    after = httpx.post(f"{strict_door}/v1/chat/completions", json=body, timeout=60)
+    assert after.status_code == 200 and "Madrid" in after.text
+
+
+@pytest.mark.e2e
+def test_a_client_that_disconnects_frees_its_slot(served, strict_door):
+    body = {"model": served.names[WrapperKind.CHAT_ONNX], "max_tokens": 24, "stream": True,
+            "messages": [{"role": "user", "content": SPAIN}]}  # fmt: skip
+    with httpx.stream("POST", f"{strict_door}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert next(r.iter_lines()).startswith("data: ")
+    # Gone mid-stream: the slot comes back, and the only slot answers the next request.
+    for _ in range(600):
+        if _in_flight(strict_door) == 0:
+            break
+        time.sleep(0.05)
+    assert _in_flight(strict_door) == 0
+    answer = httpx.post(
+        f"{strict_door}/v1/chat/completions", json={**body, "stream": False}, timeout=60
+    )
+    assert answer.status_code == 200
+    stream_url = served.handle(WrapperKind.CHAT_ONNX).stream_url
+    health = httpx.get(stream_url.replace("/stream", "/health"), timeout=5).json()
+    assert health["in_flight"] == 0  # nothing left generating in the model server

@@ -332,3 +332,17 @@ def test_an_artifact_store_failure_is_explained_and_retried_only_when_transient(
 
     assert artifact_store_failure(ValueError("not a causal LM"), store) is None
     assert artifact_store_failure(MlflowException("RESOURCE_DOES_NOT_EXIST"), store) is None
+
+
+@pytest.mark.integration
+def test_the_logged_onnx_models_stream_through_pyfunc(store, logged):
+    chat = _load(store, logged[WrapperKind.CHAT_ONNX])
+    request = {"messages": [{"role": "user", "content": "What is the capital of Spain?"}]}
+    (whole,) = chat.predict(request)
+    chunks = list(chat.predict_stream(request))
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert content == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["usage"] == whole["usage"]
+    prompt = _load(store, logged[WrapperKind.PROMPT_ONNX])
+    question = {"prompt": chat_prompt("What is the capital of Spain?")}
+    assert "".join(prompt.predict_stream(question)) == prompt.predict(question)[0]

@@ -16,6 +16,7 @@ from offline_kit.tiny_model import TRAINED_ANSWERS, chat_prompt
 from slmops.config import OnnxExportSpec
 from slmops.onnx_builder import GENAI_CONFIG, OnnxExportError
 from slmops.onnx_chat_model import OnnxChatModel, requests_from_input
+from slmops.onnx_genai_runtime import TextStream, TextTurn, TurnSpec
 from slmops.onnx_prompt_model import ARTIFACT_KEY, OnnxPromptModel, prompts_from_input
 from tasks.onnx_export import export_dir, export_onnx, validate_onnx_folder
 
@@ -294,3 +295,127 @@ def test_export_task_is_cached_until_its_folder_disappears(
     assert states[0].name != "Cached"  # the folder was gone: rebuilt, not a stale path
     assert (states[0].result() / GENAI_CONFIG).is_file()
     assert states[1].name == "Cached"
+
+
+# --- the shared engine: batching, streaming, cancelling ----------------------------------
+
+# Trained questions end in a few tokens; the others run to their budget.
+MIXED_QUESTIONS = [*TRAINED_ANSWERS, "Tell me a long story about the sea.", "Why?"]
+
+
+def _reference(runtime, question: str, max_tokens: int, stops: list[str]) -> tuple:
+    """One completion with a generator of its own (no engine): what the wrappers served before
+    the engine, and what validation's runtime comparison still runs."""
+    ids = runtime.encode(runtime.chat_prompt([{"role": "user", "content": question}]))
+
+    def hit(new_tokens: list[int]) -> bool:
+        return any(s in runtime.decode(new_tokens) for s in stops)
+
+    new_tokens = runtime.generate(ids, max_tokens, stop=hit if stops else None)
+    text = runtime.decode(new_tokens)
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if cuts:
+        return text[: min(cuts)], "stop", len(new_tokens)
+    ended = bool(new_tokens) and new_tokens[-1] in runtime.eos_ids
+    return text, "stop" if ended else "length", len(new_tokens)
+
+
+@pytest.mark.integration
+def test_sixteen_concurrent_greedy_requests_equal_the_reference_loop(chat_model):
+    cases = [
+        (question, max_tokens, stops)
+        for question in MIXED_QUESTIONS
+        for max_tokens, stops in ((32, []), (5, ["is M"]))
+    ][:16]
+    assert len(cases) == 16
+    expected = [_reference(chat_model._runtime, *case) for case in cases]
+
+    def answer(case: tuple) -> tuple:
+        question, max_tokens, stops = case
+        (completion,) = chat_model.predict(None, _ask(question, max_tokens=max_tokens, stop=stops))
+        (choice,) = completion["choices"]
+        used = completion["usage"]["completion_tokens"]
+        return choice["message"]["content"], choice["finish_reason"], used
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        concurrent = list(pool.map(answer, cases))
+    assert concurrent == expected
+    assert {finish for _, finish, _ in expected} == {"stop", "length"}  # both kinds covered
+
+
+@pytest.mark.integration
+def test_the_rows_of_one_request_are_generated_in_one_batch(tiny_onnx_int4_dir):
+    model = OnnxPromptModel()
+    model.load_context(_context(tiny_onnx_int4_dir, max_new_tokens=16, engine_max_batch_size=3))
+    prompts = [chat_prompt(q) for q in TRAINED_ANSWERS]
+    answers = model.predict(None, {"prompt": prompts})
+    assert answers == list(TRAINED_ANSWERS.values())
+    engine = model._runtime.engine
+    assert engine.max_batch_size == 3 and engine.largest_batch == 3
+
+
+@pytest.mark.integration
+def test_a_streamed_completion_joins_to_the_whole_one(chat_model):
+    request = _ask(SPAIN, max_tokens=32)
+    (whole,) = chat_model.predict(None, request)
+    chunks = list(chat_model.predict_stream(None, request))
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    content = [c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]]
+    assert len([c for c in content if c]) > 1  # token by token, not one piece
+    assert "".join(content) == whole["choices"][0]["message"]["content"]
+    assert chunks[-2]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+@pytest.mark.integration
+def test_a_stop_sequence_split_across_tokens_is_never_streamed(chat_model):
+    request = _ask(SPAIN, max_tokens=32, stop=["Spain is Ma"])
+    (whole,) = chat_model.predict(None, request)
+    chunks = list(chat_model.predict_stream(None, request))
+    content = [c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]]
+    assert "".join(content) == whole["choices"][0]["message"]["content"] == "The capital of "
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.integration
+def test_the_prompt_model_streams_what_it_predicts(prompt_model):
+    (whole,) = prompt_model.predict(None, {"prompt": chat_prompt(SPAIN)})
+    pieces = list(prompt_model.predict_stream(None, {"prompt": chat_prompt(SPAIN)}))
+    assert len(pieces) > 1 and "".join(pieces) == whole
+    with pytest.raises(MlflowException, match="one prompt"):
+        list(prompt_model.predict_stream(None, {"prompt": ["a", "b"]}))
+
+
+@pytest.mark.unit
+def test_text_stream_holds_back_what_may_start_a_stop_sequence():
+    pieces = {1: "ab", 2: "c", 3: "d", 4: "e"}
+
+    def decode(tokens: list[int]) -> str:
+        return "".join(pieces[t] for t in tokens)
+
+    stopped = TextStream(decode, ["cd"])
+    assert [stopped.push(t) for t in (1, 2, 3)] == ["ab", "", ""]
+    assert stopped.stopped and stopped.text == "ab" and stopped.finish() == ""
+    passed = TextStream(decode, ["cd"])
+    assert [passed.push(t) for t in (1, 2, 4)] == ["ab", "", "ce"]
+    assert not passed.stopped and passed.finish() == "" and passed.text == "abce"
+    held = TextStream(decode, ["cd"])
+    assert [held.push(t) for t in (1, 2)] == ["ab", ""] and held.finish() == "c"
+
+
+@pytest.mark.integration
+def test_a_stream_closed_early_cancels_its_turn_and_frees_the_engine(chat_model):
+    runtime = chat_model._runtime
+    ids = runtime.encode(chat_prompt(SPAIN))
+    # A turn that cannot end early (end tokens masked) would run for seconds.
+    (text_turn,) = TextTurn.start(runtime, [TurnSpec(ids, 2000, min_new_tokens=2000)])
+    deltas = text_turn.deltas()
+    assert next(deltas)
+    deltas.close()
+    made_after = list(text_turn.turn)  # what was made before the engine saw the cancel
+    assert text_turn.turn.finish_reason == "cancelled" and len(made_after) < 1000
+    assert runtime.engine.in_flight == 0
+    (after,) = chat_model.predict(None, _ask(SPAIN))  # the engine still answers
+    assert after["choices"][0]["message"]["content"] == TRAINED_ANSWERS[SPAIN]
