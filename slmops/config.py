@@ -399,3 +399,17 @@ class ServeFlowConfig(Spec):
     action: Literal["start", "stop", "status"] = "status"
     registry: RegistrySpec = RegistrySpec()
     serve: ServeSpec = ServeSpec()
+
+
+class PruneConfig(Spec):
+    """Parameters of the prune flow: which registered models lose the files of old versions."""
+
+    registry: RegistrySpec = RegistrySpec()
+    kinds: tuple[WrapperKind, ...] = tuple(WrapperKind)
+    # Versions kept per registered model whatever their stage: the newest by number (after a
+    # release, the champion and the version it replaced). Production, Staging and aliased
+    # versions are kept beyond these.
+    keep_last: int = Field(default=2, ge=1, le=1000)
+    # Report what would be deleted; change nothing.
+    dry_run: bool = False
+    reason: str = Field(default="retention: keep the newest versions", min_length=3)
