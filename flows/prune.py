@@ -17,15 +17,15 @@ from tasks.retention import prune_versions
 @flow(name="prune", flow_run_name="prune-{config.registry.name_prefix}")
 def prune(config: PruneConfig = PruneConfig()) -> PruneReport:
     """Free the artifact store of old releases: the files of every Archived version older than
-    the newest `keep_last` of its registered model are deleted, and the version is tagged
+    the newest `keep_last` released versions of its registered model are deleted, and the version is tagged
     `slmops.pruned` (kept in the registry with its audit trail; it can no longer be served,
     rolled back to or promoted). Production, Staging and aliased versions, and files or ONNX
     folders that a kept version still uses, are never deleted. Each deletion is audited.
 
     Args:
         config: `registry` and `kinds` name the registered models, `keep_last` how many of the
-            newest versions of each are kept whatever their stage, `dry_run` reports what would
-            be deleted without deleting, `reason` goes into the audit trail.
+            newest released versions (Production or Archived) of each are kept, `dry_run`
+            reports what would be deleted without deleting, `reason` goes into the audit trail.
     """
     settings = Settings.from_env()
     names = [config.registry.model_name(kind) for kind in config.kinds]

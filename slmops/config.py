@@ -406,9 +406,9 @@ class PruneConfig(Spec):
 
     registry: RegistrySpec = RegistrySpec()
     kinds: tuple[WrapperKind, ...] = tuple(WrapperKind)
-    # Versions kept per registered model whatever their stage: the newest by number (after a
-    # release, the champion and the version it replaced). Production, Staging and aliased
-    # versions are kept beyond these.
+    # Released versions (Production or Archived) kept per registered model, the newest by
+    # number: after a release, the champion and the version it replaced. Production, Staging,
+    # unpromoted (stage None) and aliased versions are kept beyond these.
     keep_last: int = Field(default=2, ge=1, le=1000)
     # Report what would be deleted; change nothing.
     dry_run: bool = False

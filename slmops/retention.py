@@ -2,8 +2,9 @@
 
 A release stores three models (the transformers weights, two small ONNX wrappers) and one ONNX
 folder that both ONNX wrappers reference (`tasks/onnx_storage.py`). Kept forever, every release
-adds its full size to the artifact store. Retention keeps the newest `keep_last` versions of
-each registered model and deletes the files of the older Archived ones.
+adds its full size to the artifact store. Retention keeps the newest `keep_last` released
+versions (Production or Archived) of each registered model and deletes the files of the older
+Archived ones.
 
 A version is pruned, not deleted: the registry keeps its number, tags, audit trail and lineage,
 and a `slmops.pruned` tag says when and why its files went; rollback and promotion refuse it.
@@ -67,7 +68,7 @@ class RetentionPlan(_Frozen):
 
 def _keep_reason(version: StoredVersion, newest: Collection[int], keep_last: int) -> str | None:
     if version.version in newest:
-        return f"one of the newest {keep_last}"
+        return f"one of the newest {keep_last} released"
     if version.stage in ("Production", "Staging"):
         return f"in {version.stage}"
     if version.aliases:
@@ -89,7 +90,8 @@ def plan_retention(
         versions: every registered version in the store (all registered models: a version of
             another model that shares files with a candidate protects them).
         names: the registered models to prune.
-        keep_last: versions kept per model whatever their stage (the newest by number).
+        keep_last: released versions (Production or Archived) kept per model, the newest by
+            number.
         live_onnx_uris: ONNX folders named by live logged models that no version holds (a
             release between storing its ONNX folder and registering its wrappers).
     """
@@ -99,7 +101,10 @@ def plan_retention(
     decisions: dict[tuple[str, int], VersionDecision] = {}
     for name in sorted(names):
         mine = sorted((v for v in versions if v.name == name), key=lambda v: -v.version)
-        newest = {v.version for v in [v for v in mine if not v.pruned][:keep_last]}
+        # Slots go to released versions only: a newer release that failed (stage None) must
+        # not push the last rollback target out.
+        released = [v for v in mine if not v.pruned and v.stage in ("Production", "Archived")]
+        newest = {v.version for v in released[:keep_last]}
         for v in mine:
             if v.pruned:
                 reason: str | None = "already pruned"

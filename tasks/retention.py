@@ -215,7 +215,7 @@ def prune_versions(
     Args:
         store: the MLflow store holding the registry and the artifacts.
         names: registered models to prune (absent ones are skipped).
-        keep_last: versions kept per model whatever their stage.
+        keep_last: released versions (Production or Archived) kept per model.
         reason: why, for the audit trail.
         locks: the registry locks (a folder: file locks there); every model's is held.
         dry_run: plan and report only; nothing is deleted or tagged.

@@ -74,10 +74,13 @@ def test_plan_keeps_the_newest_production_staging_aliased_and_unpromoted_version
     reasons = {d.version: d.reason for d in plan.decisions if d.name == "m"}
     assert [d.version for d in plan.pruned] == [5, 2]
     assert reasons[8] == "already pruned"  # newest by number, but holds no slot
-    assert reasons[7] == reasons[6] == "one of the newest 2"
+    assert reasons[7] == reasons[6] == "one of the newest 2 released"
     assert reasons[4] == "in Staging" and reasons[1] == "has alias @golden"
     assert reasons[3] == "stage None, not Archived"
     assert all(d.name == "m" for d in plan.decisions)
+    # A failed newest release (stage None) takes no slot from the last rollback target.
+    failed = [version("m", 1), version("m", 2, stage="Production"), version("m", 3, stage="None")]
+    assert plan_retention(failed, ["m"], keep_last=2).pruned == ()
     with pytest.raises(ValueError, match="at least 1"):
         plan_retention(versions, ["m"], keep_last=0)
 
