@@ -101,13 +101,7 @@ def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
     logged = log_wrappers(config, settings, snapshot, onnx_dir)
     parity = None
     if config.runtime_parity:
-        fp32_dir = export_onnx(
-            snapshot.path, OnnxExportSpec(precision="fp32"), settings.cache_dir / "onnx"
-        )
-        parity = compare_runtimes(
-            snapshot.path, fp32_dir, store=store,
-            run_id=logged[WrapperKind.PROMPT_ONNX].run_id,
-        )  # fmt: skip
+        parity = check_runtime_parity(config, settings, snapshot, onnx_dir, logged)
 
     outcomes = {
         kind: release_wrapper(config, settings, snapshot, ref, parity, eval_set)
@@ -153,6 +147,33 @@ def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
     if report.refused and config.promote:
         raise ReleaseGateError(gate_refusal_message(report.refused))
     return report
+
+
+def check_runtime_parity(
+    config: ReleaseConfig,
+    settings: Settings,
+    snapshot: SnapshotRef,
+    onnx_dir: Path,
+    logged: dict[WrapperKind, LoggedModelRef],
+) -> ParityReport:
+    """Runtime parity as `config.parity` sizes it: a small checkpoint against an fp32 export of
+    it, a big one (Phi-3-mini) through the release's own int4 model, with no fp32 export."""
+    store, spec = ModelStore.from_settings(settings), config.parity
+    run_id = logged[WrapperKind.PROMPT_ONNX].run_id
+    weights = sum(p.stat().st_size for p in snapshot.path.glob("*.safetensors"))
+    if spec.compares_int4(weights):
+        return compare_runtimes(
+            snapshot.path, onnx_dir, max_new_tokens=spec.max_new_tokens,
+            min_agreement=spec.int4_min_agreement, store=store, run_id=run_id,
+            onnx_precision="int4",
+        )  # fmt: skip
+    fp32_dir = export_onnx(
+        snapshot.path, OnnxExportSpec(precision="fp32"), settings.cache_dir / "onnx"
+    )
+    return compare_runtimes(
+        snapshot.path, fp32_dir, max_new_tokens=spec.max_new_tokens,
+        min_agreement=spec.min_agreement, store=store, run_id=run_id,
+    )  # fmt: skip
 
 
 def gate_refusal_message(refused: list[WrapperOutcome]) -> str:

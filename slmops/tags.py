@@ -14,6 +14,7 @@ FLOW_RUN = "slmops.prefect.flow_run_id"  # the Prefect flow run that opened the 
 VALIDATION = "slmops.validation"  # passed | failed (and `.summary`)
 VALIDATION_SUMMARY = "slmops.validation.summary"
 PARITY = "slmops.parity"  # passed | failed
+PARITY_COMPARED = "slmops.parity.compared"  # e.g. "onnx int4 vs auto": what parity compared
 EVALUATION_SET = "slmops.evaluation.set"  # <set name>@<digest>: what the model was evaluated on
 SOURCE_PREFIX = "slmops.source."  # + repo, commit: where the weights came from
 # Param of an ONNX wrapper's run (and so of its LoggedModel): the stored ONNX folder it names.

@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
@@ -248,13 +248,15 @@ def validate_outputs(
     )
 
 
-def _transformers_greedy(snapshot_dir: Path, prompts: Sequence[str], max_new_tokens: int):
+def _transformers_greedy(
+    snapshot_dir: Path, prompts: Sequence[str], max_new_tokens: int, dtype: str = "float32"
+):
     import torch
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(snapshot_dir, add_bos_token=False)
     model: Any = transformers.AutoModelForCausalLM.from_pretrained(
-        snapshot_dir, dtype=torch.float32
+        snapshot_dir, dtype=torch.float32 if dtype == "float32" else "auto"
     )
     model.eval()
     results = []
@@ -291,30 +293,34 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 @task(cache_policy=PARITY_CACHE_POLICY, persist_result=True)
 def compare_runtimes(
     snapshot_dir: Path,
-    onnx_fp32_dir: Path,
+    onnx_dir: Path,
     prompts: Sequence[str] | None = None,
     max_new_tokens: int = 32,
     min_agreement: float = 0.95,
     store: ModelStore | None = None,
     run_id: str | None = None,
+    onnx_precision: Literal["fp32", "int4"] = "fp32",
 ) -> ParityReport:
-    """Greedy transformers against greedy onnxruntime-genai fp32, token by token.
+    """Greedy transformers against greedy onnxruntime-genai, token by token.
 
     A prompt agrees up to the first differing token (after a divergence the two continue from
     different text, so later positions say nothing). Agreement is agreeing / compared tokens.
 
     Args:
         snapshot_dir: the Hugging Face snapshot.
-        onnx_fp32_dir: its fp32 onnxruntime-genai export.
+        onnx_dir: its onnxruntime-genai model: an fp32 export, or the int4 release.
         prompts: raw prompts (default: the sample prompts in the Phi-3 chat template).
         max_new_tokens: tokens generated per prompt.
         min_agreement: the agreement needed to pass.
         store: with `run_id`, where to log the agreement metrics.
         run_id: the run to log them on.
+        onnx_precision: `fp32`: transformers runs in fp32 (an exact comparison); `int4`: in
+            the checkpoint's own dtype (bf16 for Phi-3: no fp32 copy of a big model in memory).
     """
     prompts = list(prompts) if prompts is not None else [s.prompt() for s in sample_prompts()]
-    torch_results = _transformers_greedy(snapshot_dir, prompts, max_new_tokens)
-    onnx_results = _onnx_greedy(onnx_fp32_dir, prompts, max_new_tokens)
+    dtype = "float32" if onnx_precision == "fp32" else "auto"
+    torch_results = _transformers_greedy(snapshot_dir, prompts, max_new_tokens, dtype)
+    onnx_results = _onnx_greedy(onnx_dir, prompts, max_new_tokens)
     compared = agreeing = 0
     mismatches = []
     tokenizer_mismatches = 0
@@ -345,16 +351,19 @@ def compare_runtimes(
         min_agreement=min_agreement,
         tokenizer_mismatches=tokenizer_mismatches,
         mismatches=tuple(mismatches),
+        onnx_precision=onnx_precision,
+        reference_dtype=dtype,
     )
     _logger().info(
-        "runtime parity: %d/%d tokens agree (%.3f) over %d prompts",
-        agreeing, compared, agreement, len(prompts),
+        "runtime parity (onnx %s vs transformers %s): %d/%d tokens agree (%.3f) over %d prompts",
+        onnx_precision, dtype, agreeing, compared, agreement, len(prompts),
     )  # fmt: skip
     if store is not None and run_id:
         client = store.client()
         client.log_metric(run_id, "parity.agreement", agreement)
         client.log_metric(run_id, "parity.compared_tokens", compared)
         client.set_tag(run_id, tags.PARITY, "passed" if report.passed else "failed")
+        client.set_tag(run_id, tags.PARITY_COMPARED, f"onnx {onnx_precision} vs {dtype}")
     return report
 
 
