@@ -189,15 +189,13 @@ def ensure_zombie_automation(within_s: int = 90) -> str:
     job templates set it). Returns the automation's id."""
     from datetime import timedelta
 
-    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 
-    with contextlib.suppress(ValueError):  # not there yet
-        return str(Automation.read(name=ZOMBIE_AUTOMATION).id)
     ended = ("Completed", "Failed", "Cancelled", "Crashed")
-    automation = Automation(
+    automation = AutomationCore(
         name=ZOMBIE_AUTOMATION,
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
@@ -210,12 +208,18 @@ def ensure_zombie_automation(within_s: int = 90) -> str:
         ),
         actions=[
             ChangeFlowRunState(
+                name="Crashed",
                 state=StateType.CRASHED,
                 message=f"no heartbeat for {within_s} s: its process or host died",
+                force=True,  # a Running flow run may not go to Crashed without it
             )
         ],
-    ).create()
-    return str(automation.id)
+    )
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(ZOMBIE_AUTOMATION)
+        if existing:
+            return str(existing[0].id)
+        return str(client.create_automation(automation))
 
 
 def kill_runs_of(store: ModelStore, flow_run_id: str, message: str) -> list[str]:
