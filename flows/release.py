@@ -81,7 +81,7 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> ReleaseReport:
 
     settings = Settings.from_env()
     settings.home.mkdir(parents=True, exist_ok=True)
-    settle_killed_releases(settings.home)
+    settle_killed_releases(settings.home, ModelStore.from_settings(settings))
     with (
         task_results_under(settings.task_results_dir),
         release_lease(settings.home, flow_run.id, ModelStore.from_settings(settings)),

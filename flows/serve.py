@@ -10,6 +10,7 @@ from flows._runtime import run_from_command_line
 from flows._serving import serve_champions
 from slmops.config import RegistrySpec, ServeFlowConfig, Settings
 from slmops.servers import FRONT_DOOR
+from slmops.store import ModelStore
 from tasks.release_records import settle_killed_releases
 from tasks.reporting import publish_table
 from tasks.serving import describe, served_names, status_of, stop_server
@@ -27,7 +28,7 @@ def serve(config: ServeFlowConfig = ServeFlowConfig()) -> list[dict]:
     """
     settings = Settings.from_env()
     logger = get_run_logger()
-    settle_killed_releases(settings.home)
+    settle_killed_releases(settings.home, ModelStore.from_settings(settings))
     if config.action == "start":
         serve_champions(config.serve, config.registry, settings, require_champion=True)
     act = stop_server if config.action == "stop" else status_of

@@ -52,6 +52,10 @@ S3_KEYS = {
 }
 
 
+HEARTBEAT_S = 10  # flow-run heartbeat period on the stack's hosts
+ZOMBIE_AFTER_S = 60  # no heartbeat for this long (busy 2-core hosts included): set Crashed
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -227,6 +231,9 @@ class ScaleOutStack:
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "SLMOPS_HOME": str(host_root / "slmops"),
             "SLMOPS_REGISTRY_LOCKS": "prefect",
+            # Flow runs send heartbeats; the stack's automation crashes one whose heartbeats
+            # stop (its host died), so that any host can settle what it left.
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
             "TMPDIR": str(host_root / "tmp"),
             "PWD": str(ROOT),
         }
@@ -431,6 +438,12 @@ class ScaleOutStack:
         for pool in (RELEASE_POOL, SERVING_POOL):
             self.prefect("work-pool", "create", pool, "--type", "process")
         self.prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(DEPLOYMENTS_FILE))
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        from tasks.release_records import ensure_zombie_automation
+
+        with temporary_settings({PREFECT_API_URL: self.prefect_api}):
+            ensure_zombie_automation(within_s=ZOMBIE_AFTER_S)
 
     def start_worker(self, name: str, pool: str) -> Host:
         """Start (or restart) the worker of host `name` on `pool`."""

@@ -184,8 +184,8 @@ class OnnxChatModel(PythonModel):
             raise _invalid(f"temperature must be in [0, 2], got {temperature}")
         if not 1 <= max_tokens <= self._context_length:
             raise _invalid(
-                f"max_tokens must be in [1, {self._context_length}] (the model's context), "
-                f"got {max_tokens}"
+                f"max_tokens must be in [1, {self._context_length}] "
+                f"({self._runtime.context_limit}), got {max_tokens}"
             )
         if not 1 <= n <= MAX_CHOICES:
             raise _invalid(f"n must be in [1, {MAX_CHOICES}], got {n}")
@@ -207,8 +207,7 @@ class OnnxChatModel(PythonModel):
         input_ids = self._runtime.encode(self._runtime.chat_prompt(messages))
         if len(input_ids) >= self._context_length:
             raise _invalid(
-                f"the conversation has {len(input_ids)} tokens; the model's context is "
-                f"{self._context_length}"
+                f"the conversation has {len(input_ids)} tokens; {self._runtime.context_limit}"
             )
         return input_ids
 

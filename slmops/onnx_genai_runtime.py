@@ -80,8 +80,17 @@ class OnnxGenerator:
 
         genai_config = json.loads((folder / "genai_config.json").read_text())
         self.folder = folder
-        # Prompt + generated tokens of one turn: the model's context, or the smaller budget.
-        self.context_length = min(int(genai_config["model"]["context_length"]), token_budget)
+        # Prompt + generated tokens of one turn: the model's context, or the smaller budget
+        # (which sizes each batch slot's KV cache).
+        model_context = int(genai_config["model"]["context_length"])
+        self.context_length = min(model_context, token_budget)
+        # What the limit is, for error messages: users know the model's context, not our budget.
+        self.context_limit = (
+            f"the model's context is {model_context}"
+            if self.context_length == model_context
+            else f"this server's token budget is {token_budget} "
+            f"(generation.engine_token_budget; the model's context is {model_context})"
+        )
         self.max_batch_size = max_batch_size
         config = og.Config(str(folder))
         config.overlay(

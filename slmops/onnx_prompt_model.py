@@ -116,8 +116,7 @@ class OnnxPromptModel(PythonModel):
         input_ids = self._runtime.encode(prompt)
         if len(input_ids) >= self._runtime.context_length:
             raise MlflowException.invalid_parameter_value(
-                f"prompt {index} has {len(input_ids)} tokens; the model's context is "
-                f"{self._runtime.context_length}"
+                f"prompt {index} has {len(input_ids)} tokens; {self._runtime.context_limit}"
             )
         return input_ids
 

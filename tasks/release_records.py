@@ -9,6 +9,10 @@ their half-logged models deleted, and the Prefect flow run is set Crashed. Nothi
 promoted or served is touched: a killed run never promoted anything after its last audit.
 
 Leases are per host (SLMOPS_HOME is), so a release on another host is never mistaken for dead.
+A host that dies takes its leases with it; for that case the clean-up also goes through the
+shared services alone: MLflow runs still `pending` whose Prefect flow run is already final
+(set Crashed by Prefect's missing-heartbeat automation, see `zombie_automation`, or
+cancelled) are settled the same way, from any host.
 """
 
 from __future__ import annotations
@@ -88,12 +92,19 @@ def release_lease(home: Path, flow_run_id: str, store: ModelStore) -> Iterator[R
 
 
 @task(retries=1, retry_delay_seconds=2)
-def settle_killed_releases(home: Path) -> list[SettledRelease]:
-    """End the MLflow runs and the Prefect flow runs of releases whose process died.
+def settle_killed_releases(home: Path, store: ModelStore) -> list[SettledRelease]:
+    """End the MLflow runs and the Prefect flow runs of releases whose process died: this
+    host's (by their leases), and any host's that Prefect already holds final.
 
     Args:
-        home: SLMOPS_HOME, where the leases are.
+        home: SLMOPS_HOME, where this host's leases are.
+        store: the store whose orphaned runs are settled.
     """
+    settled = _settle_dead_leases(home)
+    return settled + settle_orphaned_runs(store)
+
+
+def _settle_dead_leases(home: Path) -> list[SettledRelease]:
     settled = []
     for path in sorted(lease_dir(home).glob("*.json")):
         try:
@@ -119,6 +130,96 @@ def settle_killed_releases(home: Path) -> list[SettledRelease]:
             lease.flow_run_id, killed or "none", state or "already final",
         )  # fmt: skip
     return settled
+
+
+def settle_orphaned_runs(store: ModelStore) -> list[SettledRelease]:
+    """End the runs left `pending` by release flow runs that Prefect holds final.
+
+    A run of a flow run Prefect cannot find (another Prefect server, deleted) or still holds
+    running is left alone.
+    """
+    client = store.client()
+    pending = f"attributes.status = 'RUNNING' and tags.`{tags.CANDIDATE}` = 'pending'"
+    try:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(experiments, filter_string=pending) if experiments else []
+    except MlflowException:
+        return []
+    settled = []
+    for flow_run_id in sorted({run.data.tags.get(tags.FLOW_RUN, "") for run in runs} - {""}):
+        state = final_state_of(flow_run_id)
+        if state is None:
+            continue
+        message = (
+            f"release flow run {flow_run_id} ended {state} with its runs unfinished (its host "
+            "or process died); settled by a later slmops run"
+        )
+        killed = kill_runs_of(store, flow_run_id, message)
+        settled.append(
+            SettledRelease(flow_run_id=flow_run_id, killed_runs=tuple(killed), flow_run_state=None)
+        )
+        _log.warning(
+            "Settled release %s, %s in Prefect: MLflow runs %s ended KILLED",
+            flow_run_id, state, killed or "none",
+        )  # fmt: skip
+    return settled
+
+
+def final_state_of(flow_run_id: str) -> str | None:
+    """The name of the Prefect flow run's state if it is final; None if it is not, or if
+    Prefect cannot say (another server, a deleted run, the API down)."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state  # type: ignore[arg-type]
+    except Exception as error:
+        _log.debug("no final state for flow run %s: %s", flow_run_id, error)
+        return None
+    return state.name if state is not None and state.is_final() else None
+
+
+ZOMBIE_AUTOMATION = "slmops: crash flow runs that stopped heartbeating"
+
+
+def ensure_zombie_automation(within_s: int = 90) -> str:
+    """Create (once) the Prefect automation that sets a flow run Crashed when its heartbeats
+    stop for `within_s`: how a run on a host that died becomes final for the other hosts.
+    Flow runs send heartbeats when `PREFECT_FLOWS_HEARTBEAT_FREQUENCY` is set (the scale-out
+    job templates set it). Returns the automation's id."""
+    from datetime import timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    ended = ("Completed", "Failed", "Cancelled", "Crashed")
+    automation = AutomationCore(
+        name=ZOMBIE_AUTOMATION,
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{s}" for s in ended)},
+            match={"prefect.resource.id": ["prefect.flow-run.*"]},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within_s),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                name="Crashed",
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {within_s} s: its process or host died",
+                force=True,  # a Running flow run may not go to Crashed without it
+            )
+        ],
+    )
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(ZOMBIE_AUTOMATION)
+        if existing:
+            return str(existing[0].id)
+        return str(client.create_automation(automation))
 
 
 def kill_runs_of(store: ModelStore, flow_run_id: str, message: str) -> list[str]:

@@ -26,7 +26,7 @@ from tasks.serving import ask, healthy, serve_model, status_of, stop_server
 from tests.support.consistency import assert_consistent, servers_of_store
 from tests.support.echo_versions import log_echo_model, register
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0
 WORKERS = 3  # enough to race; each worker costs ~3 s of imports on a 2-core machine
 SHARED_MODELS = 3

@@ -15,7 +15,7 @@ import yaml
 
 from slmops.config import PruneConfig, ReleaseConfig, RollbackConfig, ServeFlowConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREFECT_YAML = yaml.safe_load((ROOT / "prefect.yaml").read_text())
 DEPLOYMENTS = {d["name"]: d for d in PREFECT_YAML["deployments"]}
 PARAMETER_MODELS = {

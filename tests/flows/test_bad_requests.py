@@ -33,6 +33,12 @@ pytestmark = pytest.mark.e2e
 SPAIN = "What is the capital of Spain?"
 # ~12k tokens of the tiny model's tokenizer: three times its 4096-token context.
 LONG_TEXT = "word " * 4000
+# The ONNX servers take prompt + answer up to their engine's token budget (the default 2048 of
+# `generation.engine_token_budget`), which is below the tiny model's context.
+BUDGET = (
+    "this server's token budget is 2048 (generation.engine_token_budget; the model's context "
+    "is 4096)"
+)
 REQUEST_TIMEOUT_S = 30.0  # far above any answer here: a timeout is a hang, not a slow model
 
 
@@ -87,11 +93,17 @@ CHAT_CASES: dict[str, Case] = {
     "unknown-role": Case(
         {"messages": [{"role": "wizard", "content": SPAIN}]}, 400, "each message needs a role in"
     ),
-    "max-tokens-zero": Case(_chat(max_tokens=0), 400, "max_tokens must be in [1, 4096]"),
-    "max-tokens-negative": Case(_chat(max_tokens=-5), 400, "max_tokens must be in [1, 4096]"),
-    "max-tokens-huge": Case(_chat(max_tokens=10**9), 400, "max_tokens must be in [1, 4096]"),
+    "max-tokens-zero": Case(
+        _chat(max_tokens=0), 400, f"max_tokens must be in [1, 2048] ({BUDGET})"
+    ),
+    "max-tokens-negative": Case(
+        _chat(max_tokens=-5), 400, f"max_tokens must be in [1, 2048] ({BUDGET})"
+    ),
+    "max-tokens-huge": Case(
+        _chat(max_tokens=10**9), 400, f"max_tokens must be in [1, 2048] ({BUDGET})"
+    ),
     "max-tokens-over-int64": Case(_chat(max_tokens=2**63), 400, "column max_tokens"),
-    "prompt-over-context": Case(_chat(LONG_TEXT), 400, "tokens; the model's context is 4096"),
+    "prompt-over-context": Case(_chat(LONG_TEXT), 400, f"tokens; {BUDGET}"),
 }
 
 # What the transformers wrapper answers instead (measured on MLflow 3.17.2, transformers 5.23),
@@ -157,7 +169,7 @@ PROMPT_CASES: dict[str, Case] = {
     "prompt-over-context": Case(
         {"dataframe_records": [{"prompt": LONG_TEXT}]},
         400,
-        "prompt 0 has 12001 tokens; the model's context is 4096",
+        f"prompt 0 has 12001 tokens; {BUDGET}",
     ),
     # The prompt model's generation budget is fixed when it is logged (its signature has no
     # params, as the source document's prompt model); MLflow drops any params before predict.

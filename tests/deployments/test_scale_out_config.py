@@ -1,6 +1,6 @@
 """The scale-out configuration (Kubernetes and serving work pools, MLflow on PostgreSQL + S3)
 parses and agrees with the code. The Kubernetes side cannot run here; its process-pool twin
-(deployments/scale-out/process.yaml) runs in tests/test_scale_out.py."""
+(deployments/scale-out/process.yaml) runs in tests/deployments/test_scale_out.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import yaml
 from slmops.config import ReleaseConfig, RollbackConfig, ServeFlowConfig
 
 pytestmark = pytest.mark.unit
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCALE_OUT = ROOT / "deployments" / "scale-out"
 PARAMETER_MODELS = {
     "flows/release.py:release": ReleaseConfig,

@@ -514,7 +514,7 @@ def test_the_command_line_names_an_unreachable_hub_in_one_line(
     }
     done = subprocess.run(
         [sys.executable, "-m", "flows.release", config],
-        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
         timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 1, done.stderr[-3000:]

@@ -22,7 +22,13 @@ import pytest
 from mlflow import MlflowClient
 
 from offline_kit.fake_hub import FakeHub
-from offline_kit.scale_out_stack import BUCKET, RELEASE_POOL, S3_KEYS, ScaleOutStack
+from offline_kit.scale_out_stack import (
+    BUCKET,
+    RELEASE_POOL,
+    S3_KEYS,
+    ZOMBIE_AFTER_S,
+    ScaleOutStack,
+)
 from slmops import tags
 from slmops.config import TINY_PHI3_ONNX_REPO_ID, TINY_PHI3_REPO_ID, WrapperKind
 from slmops.promotion import CHAMPION
@@ -304,6 +310,29 @@ def test_a_host_killed_mid_release_leaves_production_to_the_other(stack, commits
             e.flow_run != dead_run_name
             for e in audit_trail(ModelStore(tracking_uri=stack.tracking_uri), name)
         )
+    # What the dead host left: Prefect's heartbeat automation crashes its flow run, and the
+    # next slmops run on any host (here the serving host's `serve status`) ends its MLflow
+    # runs KILLED and non-candidate. Its lease died with the host.
+    deadline = time.monotonic() + ZOMBIE_AFTER_S + 90
+    while api.run(doomed)["state"]["type"] != "CRASHED":
+        assert time.monotonic() < deadline, api.run(doomed)["state"]
+        time.sleep(2)
+    assert "no heartbeat" in api.run(doomed)["state"]["message"]
+    status = api.trigger(
+        "serve/serve-champions",
+        {"config": {"action": "status", "registry": {"name_prefix": PREFIX}}},
+    )
+    assert api.wait(status)["state"]["type"] == "COMPLETED"
+    client = registry(stack)
+    dead_runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`{tags.FLOW_RUN}` = '{doomed}'",
+    )
+    assert dead_runs
+    for dead in dead_runs:
+        assert dead.info.status in {"KILLED", "FAILED", "FINISHED"}, dead.info
+        assert dead.data.tags[tags.CANDIDATE] != "pending", dead.data.tags
+    assert any(d.info.status == "KILLED" for d in dead_runs)
     stack.start_worker("host-a", RELEASE_POOL)  # the host comes back for the next test
 
 
