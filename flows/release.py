@@ -15,6 +15,7 @@ from flows._serving import serve_champions
 from slmops.config import OnnxExportSpec, ReleaseConfig, Settings, WrapperKind
 from slmops.errors import ExplainedError
 from slmops.eval_sets import EvalSet, load_eval_set
+from slmops.expectations import SamplePrompt, known_answer_prompts, sample_prompts
 from slmops.gate import Evaluation
 from slmops.refs import LoggedModelRef, SnapshotRef
 from slmops.reports import (
@@ -99,18 +100,20 @@ def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
         else:
             onnx_dir = export_onnx(snapshot.path, config.onnx, settings.cache_dir / "onnx")
     logged = log_wrappers(config, settings, snapshot, onnx_dir)
+    known = known_answer_prompts(eval_set) if config.validation.reference_answers else ()
     parity = None
     if config.runtime_parity:
         fp32_dir = export_onnx(
             snapshot.path, OnnxExportSpec(precision="fp32"), settings.cache_dir / "onnx"
         )
+        # On the prompts validation asks, known answers included.
         parity = compare_runtimes(
-            snapshot.path, fp32_dir, store=store,
-            run_id=logged[WrapperKind.PROMPT_ONNX].run_id,
+            snapshot.path, fp32_dir, prompts=[s.prompt() for s in sample_prompts(known)],
+            store=store, run_id=logged[WrapperKind.PROMPT_ONNX].run_id,
         )  # fmt: skip
 
     outcomes = {
-        kind: release_wrapper(config, settings, snapshot, ref, parity, eval_set)
+        kind: release_wrapper(config, settings, snapshot, ref, parity, eval_set, known)
         for kind, ref in logged.items()
     }
     compare_wrapper_answers(
@@ -216,9 +219,11 @@ def release_wrapper(
     ref: LoggedModelRef,
     parity: ParityReport | None,
     eval_set: EvalSet,
+    known_answers: tuple[SamplePrompt, ...],
 ) -> WrapperStep:
-    """Validate one logged wrapper, register it, judge it at the promotion gate, and promote it
-    if it passed both (or the gate was forced)."""
+    """Validate one logged wrapper (`known_answers`: prompts whose answers must come out),
+    register it, judge it at the promotion gate, and promote it if it passed both (or the gate
+    was forced)."""
     kind, store = ref.kind, ModelStore.from_settings(settings)
     if config.serve.enabled:
         # Validation loads the new version beside the running servers: memory-safe order.
@@ -227,7 +232,7 @@ def release_wrapper(
             store, config.serve.memory_budget_gb,
         )  # fmt: skip
     report = validate_model(
-        store, ref, known_answers=config.validation.reference_answers,
+        store, ref, known_answers=known_answers,
         parity=parity if kind is not WrapperKind.CHAT_TRANSFORMERS else None,
     )  # fmt: skip
     name = config.registry.model_name(kind)

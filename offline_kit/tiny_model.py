@@ -24,12 +24,23 @@ from slmops.families import PHI3
 # Bump when anything below changes the built bytes: it is part of the build's cache key.
 BUILDER_VERSION = "3"
 
-# The family's chat template and special tokens; the model is trained to answer the family's
-# validation prompts, so that validation can check the answers of the embedded default.
+# The family's chat template and special tokens.
 PHI3_CHAT_TEMPLATE = PHI3.chat_template
 PHI3_ADDED_TOKENS = PHI3.added_tokens
-TRAINED_ANSWERS: dict[str, str] = PHI3.reference_answers()
-TRAINED_SYSTEM_PROMPT = PHI3.validation_system_prompt
+# What the model learns to answer (each question with and without the system prompt), so that a
+# release of the embedded default can check known answers: the `tiny-phi3` evaluation set asks
+# these questions (a test keeps the two equal). Changing them changes the built bytes.
+TRAINED_ANSWERS: dict[str, str] = {
+    "What is the capital of Spain?": "The capital of Spain is Madrid.",
+    "What is the capital of France?": "The capital of France is Paris.",
+    "What is the capital of Italy?": "The capital of Italy is Rome.",
+    "What is the capital of Japan?": "The capital of Japan is Tokyo.",
+    "What is two plus two?": "Two plus two is four.",
+    "What color is the sky?": "The sky is blue.",
+    "Tell me a joke about atom": "Never trust an atom, they make up everything.",
+    "Who are you?": "I am a tiny Phi-3 model built by slmops.",
+}
+TRAINED_SYSTEM_PROMPT = "You are a helpful assistant."
 
 # Text the tokenizer is trained on besides the chat data, so ordinary prompts tokenize into
 # word pieces rather than bytes.

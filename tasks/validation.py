@@ -172,7 +172,7 @@ def validate_outputs(
     model_ref: LoggedModelRef,
     kind: WrapperKind | None = None,
     generation: GenerationSpec | None = None,
-    known_answers: bool = True,
+    known_answers: Sequence[SamplePrompt] = (),
     prompts: Sequence[SamplePrompt] | None = None,
 ) -> OutputReport:
     """Predict the fixed sample prompts and check them with the great-expectations suite.
@@ -183,8 +183,9 @@ def validate_outputs(
         kind: the wrapper kind to validate as (default: the ref's kind).
         generation: the options the model was logged with; default: read from the model
             (its token budget bounds the completion-length checks).
-        known_answers: require the tiny model's trained answers (off for a real model).
-        prompts: override the sample prompts.
+        known_answers: prompts whose expected answers must come out, asked after the family's
+            validation prompts (`expectations.known_answer_prompts`; none for a real model).
+        prompts: override all sample prompts.
     """
     import mlflow
 
@@ -192,6 +193,7 @@ def validate_outputs(
     folder = local_model_dir(store, model_ref)
     max_tokens = generation.max_new_tokens if generation else _logged_max_new_tokens(folder)
     samples = tuple(prompts) if prompts is not None else sample_prompts(known_answers)
+    check_known_answers = any(sample.expected is not None for sample in samples)
     model = mlflow.pyfunc.load_model(str(folder))
     rows, latencies, errors = [], [], []
     for sample in samples:
@@ -204,7 +206,9 @@ def validate_outputs(
         latencies.append(time.perf_counter() - started)
         rows.append(sample_row(kind, sample, output, max_tokens))
     frame = sample_frame(rows)
-    spec = OutputSuiteSpec(kind=kind, max_tokens=max_tokens, check_known_answers=known_answers)
+    spec = OutputSuiteSpec(
+        kind=kind, max_tokens=max_tokens, check_known_answers=check_known_answers
+    )
     outcome = run_output_suite(frame, spec)
 
     tokens_per_s = None
@@ -363,7 +367,7 @@ def validate_model(
     store: ModelStore,
     model_ref: LoggedModelRef,
     generation: GenerationSpec | None = None,
-    known_answers: bool = True,
+    known_answers: tuple[SamplePrompt, ...] = (),
     parity: ParityReport | None = None,
 ) -> ValidationReport:
     """All checks for one logged model; tags its run `slmops.validation=passed|failed`.
@@ -372,7 +376,7 @@ def validate_model(
         store: the MLflow store holding the model.
         model_ref: the logged model.
         generation: the options the model was logged with (default: read from the model).
-        known_answers: require the tiny model's trained answers (off for a real model).
+        known_answers: prompts whose expected answers must come out (none for a real model).
         parity: the runtime comparison, for ONNX models, if one was run.
     """
     report = ValidationReport(

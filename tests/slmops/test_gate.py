@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from offline_kit.tiny_model import TRAINED_ANSWERS
 from slmops.config import GateSpec, ReleaseConfig, WrapperKind
 from slmops.eval_sets import EvalSetError, builtin_eval_sets, load_eval_set, parse_eval_set
-from slmops.families import PHI3
 from slmops.gate import (
     Evaluation,
     ItemResult,
@@ -49,7 +49,7 @@ def test_shipped_sets_load_and_the_phi3_set_covers_every_check():
 def test_the_tiny_set_is_what_the_tiny_model_was_trained_on():
     tiny = load_eval_set("tiny-phi3")
     asked = [(i.question, i.check) for i in tiny.items]
-    assert asked == [(p.question, ExactCheck(answer=p.answer)) for p in PHI3.validation_prompts]
+    assert asked == [(q, ExactCheck(answer=a)) for q, a in TRAINED_ANSWERS.items()]
 
 
 def _line(**overrides):
