@@ -298,3 +298,32 @@ def tree_digest(folder: Path) -> str:
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
+
+
+def degrade_weights(
+    model_dir: Path, out_dir: Path, scale: float, seed: int = 0, match: str = "mlp."
+) -> Path:
+    """A copy of the Hugging Face folder `model_dir` in `out_dir` whose tensors named with
+    `match` carry seeded Gaussian noise of `scale` times their own standard deviation: a model
+    degraded on purpose, same shape and files, so only an evaluation can tell.
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    for source in sorted(model_dir.iterdir()):
+        if source.suffix != ".safetensors":
+            shutil.copy2(source, out_dir / source.name)
+            continue
+        tensors = load_file(source)
+        for name in sorted(tensors):
+            tensor = tensors[name]
+            if match in name and tensor.is_floating_point():
+                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+                noisy = tensor.float() + noise * scale * tensor.float().std()
+                tensors[name] = noisy.to(tensor.dtype)
+        save_file(tensors, out_dir / source.name, metadata={"format": "pt"})
+    return out_dir
