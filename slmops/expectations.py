@@ -140,9 +140,12 @@ def sample_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     counts = ["prompt_tokens", "completion_tokens", "total_tokens"]
     frame[counts] = frame[counts].astype("Int64")
     frame["prompt_plus_completion"] = frame["prompt_tokens"] + frame["completion_tokens"]
+    # From the rows, not the frame: a column of None and text reads None back as NaN.
     frame["answer_found"] = [
-        None if expected is None else bool(isinstance(text, str) and expected in text)
-        for expected, text in zip(frame["expected"], frame["text"], strict=True)
+        None
+        if row["expected"] is None
+        else bool(isinstance(row["text"], str) and row["expected"] in row["text"])
+        for row in rows
     ]
     frame["answer_found"] = frame["answer_found"].astype("object")
     return frame

@@ -204,6 +204,19 @@ def test_sample_prompts_are_the_familys_not_the_training_set_plus_known_answers(
 
 
 @pytest.mark.unit
+def test_known_answers_are_checked_beside_the_structural_prompts():
+    samples = sample_prompts(KNOWN)
+    spec = OutputSuiteSpec(kind=WrapperKind.PROMPT_ONNX, max_tokens=32)
+    answers = {s.question: s.expected or "Some text." for s in samples}
+    rows = [sample_row(spec.kind, s, [answers[s.question]], 32) for s in samples]
+    assert run_output_suite(sample_frame(rows), spec).success
+    answers[KNOWN[-1].question] = "Some text."  # a known answer missed
+    rows = [sample_row(spec.kind, s, [answers[s.question]], 32) for s in samples]
+    outcome = run_output_suite(sample_frame(rows), spec)
+    assert not outcome.success and any("known answers" in f for f in outcome.failures)
+
+
+@pytest.mark.unit
 def test_good_outputs_pass_the_suite():
     answers = list(TRAINED_ANSWERS.values())[:3]
     spec = OutputSuiteSpec(kind=WrapperKind.CHAT_ONNX, max_tokens=32)
