@@ -36,7 +36,7 @@ from tasks.registry import champion_version, promote_version, register_version
 from tasks.release_records import release_lease, settle_killed_releases
 from tasks.reporting import publish_markdown, publish_table
 from tasks.serving import make_room_for_model
-from tasks.validation import compare_runtimes, validate_model
+from tasks.validation import compare_runtimes, unload_model, validate_model
 
 EXPERIMENT = "slmops-release"
 
@@ -249,6 +249,7 @@ def release_wrapper(
         if report.passed
         else (None, None)
     )
+    unload_model()  # validated and evaluated: its memory goes back before anything is served
     if report.passed and config.promote and (decision is None or decision.promote):
         reason = f"release of {snapshot.repo_id}@{snapshot.commit[:12]}: validation passed"
         if decision is not None and not decision.passed:
