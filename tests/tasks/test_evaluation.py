@@ -24,10 +24,18 @@ from slmops.config import (
     WrapperKind,
 )
 from slmops.eval_sets import load_eval_set
+from slmops.expectations import known_answer_prompts
 from slmops.refs import LoggedModelRef, ModelVersionRef, SnapshotRef
 from tasks.evaluation import evaluate_champion, evaluate_model, item_results, recorded_evaluation
 from tasks.mlflow_models import log_chat_pipeline
 from tasks.registry import read_state
+from tasks.validation import (
+    is_loaded,
+    load_model,
+    local_model_dir,
+    unload_model,
+    validate_outputs,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -60,6 +68,25 @@ def test_a_wrong_answer_fails_its_item_through_mlflow(store, logged, tmp_path):
     assert [r.id for r in failed] == [lines[0]["id"]]
     assert failed[0].answer == "The capital of Spain is Madrid."
     assert "Barcelona" in failed[0].rationale and failed[0].scorer == "exact_match"
+
+
+def test_the_evaluation_asks_the_model_validation_loaded_and_reuses_its_answers(
+    store, logged, monkeypatch
+):
+    ref, eval_set = logged[WrapperKind.PROMPT_ONNX], load_eval_set("tiny-phi3")
+    # A release of the tiny model validates with its set's known answers, then evaluates.
+    validated = validate_outputs.fn(store, ref, known_answers=known_answer_prompts(eval_set))
+    assert validated.passed, validated.failures
+    model = load_model(local_model_dir(store, ref))
+    monkeypatch.setattr(model, "predict", lambda *args, **kwargs: pytest.fail("asked again"))
+    evaluation = evaluate_model.fn(store, ref, eval_set)
+    assert evaluation.score == 1.0 and evaluation.latency_p95_s > 0
+    unload_model()
+    assert not is_loaded(local_model_dir(store, ref))
+    # The warm-up the evaluation skips on a local store is still where MLflow calls it.
+    from mlflow.genai.evaluation import harness
+
+    assert callable(harness._warmup_databricks_sdk)
 
 
 def test_memory_is_measured_in_a_fresh_process(store, logged):
