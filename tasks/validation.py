@@ -14,6 +14,7 @@ import json
 import logging
 import statistics
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -101,13 +102,17 @@ class _KeptModel:
 
 
 _KEPT: list[_KeptModel] = []
+# Two threads asking two models each get their own (the second load then drops the first).
+_KEEPING = threading.Lock()
 
 
 def _kept(folder: Path) -> _KeptModel:
-    if not _KEPT or _KEPT[0].folder != folder:
-        unload_model()
-        _KEPT.append(_KeptModel(folder))
-    return _KEPT[0]
+    with _KEEPING:
+        if not _KEPT or _KEPT[0].folder != folder:
+            _KEPT.clear()
+            gc.collect()
+            _KEPT.append(_KeptModel(folder))
+        return _KEPT[0]
 
 
 def is_loaded(folder: Path) -> bool:
@@ -136,7 +141,8 @@ def ask_model(folder: Path, request: dict[str, Any]) -> tuple[Any, float]:
 
 def unload_model() -> None:
     """Drop the kept model and its answers, so that its memory can go back."""
-    _KEPT.clear()
+    with _KEEPING:
+        _KEPT.clear()
     gc.collect()
 
 
