@@ -180,8 +180,9 @@ class RegistrySpec(Spec):
 class ValidationSpec(Spec):
     """What validation demands beyond structure (signature, serving example, output suite)."""
 
-    # The answers the family's validation prompts must get (slmops.families): true for a model
-    # that learned them (the embedded tiny Phi-3), false for a real model.
+    # Validation also asks the evaluation set's questions with one reference answer (exact
+    # checks), whose answers must come out: true for a model that learned them (the embedded
+    # tiny Phi-3 and its `tiny-phi3` set), false for a real model.
     reference_answers: bool = True
 
 

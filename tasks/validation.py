@@ -9,9 +9,12 @@ latency and throughput as metrics linked to the LoggedModel.
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import statistics
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -83,6 +86,64 @@ def local_model_dir(store: ModelStore, model_ref: LoggedModelRef) -> Path:
     return Path(
         mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=store.tracking_uri)
     )
+
+
+# The release validates, registers and evaluates one wrapper before the next, and the
+# evaluation asks the model validation just loaded, some of the same questions (the tiny
+# model's known answers are its evaluation set). So the model is kept, one at a time (a second
+# Phi-3-sized copy in the flow process would not fit beside the servers), with what it answered.
+class _KeptModel:
+    def __init__(self, folder: Path) -> None:
+        import mlflow
+
+        self.folder = folder
+        self.model = mlflow.pyfunc.load_model(str(folder))
+        self.answers: dict[str, tuple[Any, float]] = {}
+
+
+_KEPT: list[_KeptModel] = []
+# Two threads asking two models each get their own (the second load then drops the first).
+_KEEPING = threading.Lock()
+
+
+def _kept(folder: Path) -> _KeptModel:
+    with _KEEPING:
+        if not _KEPT or _KEPT[0].folder != folder:
+            _KEPT.clear()
+            gc.collect()
+            _KEPT.append(_KeptModel(folder))
+        return _KEPT[0]
+
+
+def is_loaded(folder: Path) -> bool:
+    """Whether the model in `folder` is the one kept (loaded, and asked before)."""
+    return bool(_KEPT) and _KEPT[0].folder == folder
+
+
+def load_model(folder: Path) -> Any:
+    """The pyfunc model in `folder`, loaded once for validation and the evaluation after it;
+    loading another drops it (`unload_model` drops it now)."""
+    return _kept(folder).model
+
+
+def ask_model(folder: Path, request: dict[str, Any]) -> tuple[Any, float]:
+    """The model's answer to one request and its latency (s). A request asked before is answered
+    with what the model said then: generation is greedy (and a sampled answer is as much the
+    model's), and the latency is the one measured then. A failed request raises."""
+    kept = _kept(folder)
+    key = json.dumps(request, sort_keys=True, default=str)
+    if key not in kept.answers:
+        started = time.perf_counter()
+        output = kept.model.predict(request)
+        kept.answers[key] = (output, time.perf_counter() - started)
+    return kept.answers[key]
+
+
+def unload_model() -> None:
+    """Drop the kept model and its answers, so that its memory can go back."""
+    with _KEEPING:
+        _KEPT.clear()
+    gc.collect()
 
 
 @task
@@ -172,7 +233,7 @@ def validate_outputs(
     model_ref: LoggedModelRef,
     kind: WrapperKind | None = None,
     generation: GenerationSpec | None = None,
-    known_answers: bool = True,
+    known_answers: Sequence[SamplePrompt] = (),
     prompts: Sequence[SamplePrompt] | None = None,
 ) -> OutputReport:
     """Predict the fixed sample prompts and check them with the great-expectations suite.
@@ -183,28 +244,29 @@ def validate_outputs(
         kind: the wrapper kind to validate as (default: the ref's kind).
         generation: the options the model was logged with; default: read from the model
             (its token budget bounds the completion-length checks).
-        known_answers: require the tiny model's trained answers (off for a real model).
-        prompts: override the sample prompts.
+        known_answers: prompts whose expected answers must come out, asked after the family's
+            validation prompts (`expectations.known_answer_prompts`; none for a real model).
+        prompts: override all sample prompts.
     """
-    import mlflow
-
     kind = kind or model_ref.kind
     folder = local_model_dir(store, model_ref)
     max_tokens = generation.max_new_tokens if generation else _logged_max_new_tokens(folder)
     samples = tuple(prompts) if prompts is not None else sample_prompts(known_answers)
-    model = mlflow.pyfunc.load_model(str(folder))
+    check_known_answers = any(sample.expected is not None for sample in samples)
     rows, latencies, errors = [], [], []
     for sample in samples:
         started = time.perf_counter()
         try:
-            output = model.predict(model_input(kind, sample))
+            output, latency = ask_model(folder, model_input(kind, sample))
         except Exception as error:  # a sample the model cannot answer is a finding, not a crash
-            output = None
+            output, latency = None, time.perf_counter() - started
             errors.append(f"{sample.question!r}: {type(error).__name__}: {error}"[:500])
-        latencies.append(time.perf_counter() - started)
+        latencies.append(latency)
         rows.append(sample_row(kind, sample, output, max_tokens))
     frame = sample_frame(rows)
-    spec = OutputSuiteSpec(kind=kind, max_tokens=max_tokens, check_known_answers=known_answers)
+    spec = OutputSuiteSpec(
+        kind=kind, max_tokens=max_tokens, check_known_answers=check_known_answers
+    )
     outcome = run_output_suite(frame, spec)
 
     tokens_per_s = None
@@ -372,7 +434,7 @@ def validate_model(
     store: ModelStore,
     model_ref: LoggedModelRef,
     generation: GenerationSpec | None = None,
-    known_answers: bool = True,
+    known_answers: tuple[SamplePrompt, ...] = (),
     parity: ParityReport | None = None,
 ) -> ValidationReport:
     """All checks for one logged model; tags its run `slmops.validation=passed|failed`.
@@ -381,7 +443,7 @@ def validate_model(
         store: the MLflow store holding the model.
         model_ref: the logged model.
         generation: the options the model was logged with (default: read from the model).
-        known_answers: require the tiny model's trained answers (off for a real model).
+        known_answers: prompts whose expected answers must come out (none for a real model).
         parity: the runtime comparison, for ONNX models, if one was run.
     """
     report = ValidationReport(
