@@ -44,8 +44,10 @@ def test_a_big_checkpoint_is_compared_through_its_int4_release_without_an_fp32_e
         _snapshot(tmp_path / "snapshot", int(weights_gb * 1e9)),
         tmp_path / "int4",
         {WrapperKind.PROMPT_ONNX: ref},
+        ["a prompt"],
     )
     assert report == "report"
+    assert all(kwargs["prompts"] == ["a prompt"] for name, kwargs in calls if name == "compare")
     if int4:
         assert [name for name, _ in calls] == ["compare"]
         compared = calls[0][1]
