@@ -132,7 +132,8 @@ class GenerationSpec(Spec):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)  # 0 = greedy, reproducible
     # The ONNX wrappers' shared onnxruntime-genai engine: turns generated together, and the
     # tokens (prompt + answer) one turn may reach, which also sizes each batch slot's KV cache.
-    # 4 is what onnxruntime-genai configures on CPU by itself (slmops.onnx_genai_runtime).
+    # 4 is what onnxruntime-genai configures on CPU by itself (slmops.onnx_genai_runtime), and
+    # measured best of 1, 2, 4 (benchmarks.serving_engine; README "Measured").
     engine_max_batch_size: int = Field(default=4, ge=1, le=64)
     engine_token_budget: int = Field(default=2048, ge=16)
 
