@@ -25,8 +25,9 @@ from pydantic import BaseModel, ConfigDict
 
 from slmops.config import OnnxExportSpec
 from slmops.store import ModelStore
-from tasks.mlflow_models import experiment_id
+from tasks.mlflow_models import artifact_store_failure, experiment_id
 from tasks.onnx_export import validate_onnx_folder
+from tasks.retrying import retry_if_transient
 
 STORE_RUN_NAME = "store-onnx"
 DIGEST_TAG = "slmops.onnx.folder_digest"
@@ -84,7 +85,7 @@ def _stored_run(client: MlflowClient, exp_id: str, digest: str) -> OnnxArtifactR
     return None
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_if_transient)
 def store_onnx_folder(
     store: ModelStore,
     experiment: str,
@@ -127,8 +128,11 @@ def store_onnx_folder(
         stored = folder_bytes(onnx_dir)
         client.log_metric(run_id, "onnx.stored_bytes", stored)
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-    except BaseException:
+    except BaseException as error:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        explained = artifact_store_failure(error, store)
+        if explained is not None:
+            raise explained from error
         raise
     return OnnxArtifactRef(
         artifact_uri=f"{client.get_run(run_id).info.artifact_uri}/{ARTIFACT_PATH}",

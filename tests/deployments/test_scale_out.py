@@ -281,9 +281,12 @@ def test_a_host_killed_mid_release_leaves_production_to_the_other(stack, commits
     survivor = release(api, commits, c6, "host-b")
 
     def logging_started() -> bool:
+        # A wrapper's run is open (a candidate, `pending`): the kill leaves it to be settled.
         runs = registry(stack).search_runs(
             [e.experiment_id for e in registry(stack).search_experiments()],
-            filter_string=f"tags.`{tags.SOURCE_COMMIT}` = '{c5}'",
+            filter_string=(
+                f"tags.`{tags.SOURCE_COMMIT}` = '{c5}' and tags.`{tags.CANDIDATE}` = 'pending'"
+            ),
         )
         return bool(runs)
 
