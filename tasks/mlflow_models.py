@@ -72,6 +72,7 @@ class ArtifactStoreUnavailableError(ArtifactStoreError, TransientError):
 # directly through boto3.
 _ARTIFACT_STORE_MARKERS = ("mlflow-artifacts", "S3UploadFailedError")
 _ARTIFACT_STORE_MODULES = ("botocore", "boto3", "s3transfer")
+_UNAVAILABLE_MARKERS = ("error responses", "Max retries exceeded", "Connection refused")
 
 
 def artifact_store_failure(error: BaseException, store: ModelStore) -> ArtifactStoreError | None:
@@ -88,8 +89,11 @@ def artifact_store_failure(error: BaseException, store: ModelStore) -> ArtifactS
         current = current.__cause__ or current.__context__
     else:
         return None
-    detail = " ".join(str(error).split())[:300]
-    unavailable = is_transient(error) or "500 error responses" in detail
+    full = " ".join(str(error).split())
+    detail = full[:300]
+    # MLflow's REST client gives up on a proxy that keeps answering 5xx or cannot be reached
+    # with a plain MlflowException: these say the store is down, not that it refused.
+    unavailable = is_transient(error) or any(marker in full for marker in _UNAVAILABLE_MARKERS)
     kind = ArtifactStoreUnavailableError if unavailable else ArtifactStoreError
     return kind(
         f"the artifact store behind {store.tracking_uri} could not store the model's files "

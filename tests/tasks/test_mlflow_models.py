@@ -326,6 +326,14 @@ def test_an_artifact_store_failure_is_explained_and_retried_only_when_transient(
     assert "the artifact store behind http://127.0.0.1:5000" in str(explained)
     assert "--artifacts-destination" in str(explained) and url in str(explained)
 
+    # The cause past the first 300 characters still counts.
+    long_url = url.replace("model.bin", "x" * 400)
+    down_long = MlflowException(
+        f"API request to {long_url} failed with exception HTTPConnectionPool(host='h', "
+        "port=1): Max retries exceeded (Caused by ResponseError('too many 500 error responses'))"
+    )
+    assert isinstance(artifact_store_failure(down_long, store), ArtifactStoreUnavailableError)
+
     refused = MlflowException(f"API request to {url} failed with error code 403 != 200")
     explained = artifact_store_failure(refused, store)
     assert type(explained) is ArtifactStoreError and not is_transient(explained)
