@@ -435,8 +435,11 @@ def plan_server_switch(
 
 
 def own_rss() -> int:
-    """RSS of this process alone (the servers it started are its children, counted apart)."""
-    return int(psutil.Process().memory_info().rss)
+    """Anonymous RSS of this process alone: what it holds, not file pages it maps (a model it
+    loaded from safetensors maps its weights; the kernel can evict those). The servers it
+    started are its children, counted apart."""
+    memory = psutil.Process().memory_info()
+    return int(memory.rss - getattr(memory, "shared", 0))
 
 
 @task(task_run_name="check-serving-fits-{name}")
