@@ -202,7 +202,7 @@ class ServeSpec(Spec):
     front_door: bool = True
     # None: a free port, then the same one on every restart while it stays free.
     front_door_port: int | None = Field(default=None, ge=1024, le=65535)
-    # Most memory the model servers and the release process may hold together (GB, 1e9 bytes).
+    # Most memory the model servers may hold together (GB, 1e9 bytes).
     # Before a server starts (or a model is loaded to validate it), the running servers, each
     # at max(RSS, its model's files), plus the new model's size are checked against it (and
     # against the available memory): a blue/green switch that cannot fit stops the old server

@@ -38,8 +38,7 @@ class SwitchPlan(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     order: SwitchOrder
-    # Every running model server (and the front door), each at max(measured RSS, model files),
-    # and the process that plans (the release flow).
+    # Every running model server (and the front door), each at max(measured RSS, model files).
     running_bytes: int
     replaced_bytes: int  # the server being replaced, counted the same way (part of running_bytes)
     new_bytes: int  # expected RSS of the new server
@@ -50,7 +49,7 @@ class SwitchPlan(BaseModel):
         gib = lambda n: f"{n / GIB:.1f} GiB"  # noqa: E731
         side_by_side = self.running_bytes + self.new_bytes
         base = (
-            f"running servers and this process {gib(self.running_bytes)} + new server "
+            f"running servers {gib(self.running_bytes)} + new server "
             f"~{gib(self.new_bytes)} = "
             f"{gib(side_by_side)} against a limit of {gib(self.limit_bytes)}"
         )

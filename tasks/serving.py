@@ -414,8 +414,8 @@ def plan_server_switch(
 ) -> SwitchPlan:
     """Measure the running servers and size the new model: blue/green, stop-first or refuse.
 
-    The process asking (the release flow) counts too: the budget bounds what a release and its
-    servers hold together.
+    The process asking (the release flow) is not counted in the budget, which bounds the
+    servers; what it holds is missing from the available memory, so the limit sees it.
     """
     rss = running_servers_rss(servers_dir)
     footprint = running_servers_footprint(servers_dir, store, rss)
@@ -423,23 +423,14 @@ def plan_server_switch(
         files = model_files_bytes(model_uri, store)
     except MlflowException as error:  # before starting anything: the old server stays
         raise ServingError(f"{name}: cannot serve {model_uri}: {error.message}") from error
-    own = own_rss()
     return plan_switch(
-        running_bytes=sum(footprint.values()) + own,
+        running_bytes=sum(footprint.values()),
         replaced_bytes=footprint.get(name, 0),
         new_bytes=expected_server_bytes(files),
         available_bytes=int(psutil.virtual_memory().available),
         budget_bytes=int(budget_gb * 1e9) if budget_gb is not None else None,  # GB, as named
-        measured_bytes=sum(rss.values()) + own,
+        measured_bytes=sum(rss.values()),
     )
-
-
-def own_rss() -> int:
-    """Anonymous RSS of this process alone: what it holds, not file pages it maps (a model it
-    loaded from safetensors maps its weights; the kernel can evict those). The servers it
-    started are its children, counted apart."""
-    memory = psutil.Process().memory_info()
-    return int(memory.rss - getattr(memory, "shared", 0))
 
 
 @task(task_run_name="check-serving-fits-{name}")
@@ -538,9 +529,9 @@ def serve_model(spec: ModelServerSpec, servers_dir: Path, store: ModelStore) -> 
     """Serve `spec.model_uri` as `spec.name`: reuse a healthy server of the same URI, else
     start, check, switch.
 
-    Before starting, the running servers (each at max(measured RSS, its model's files)) and
-    this process plus the new model's expected size are checked against `spec.memory_budget_gb` and the available memory
-    (`slmops.serving_memory`): if both servers cannot be up at once, the old one is stopped
+    Before starting, the running servers (each at max(measured RSS, its model's files)) plus
+    the new model's expected size are checked against `spec.memory_budget_gb` and the
+    available memory (`slmops.serving_memory`): if both servers cannot be up at once, the old one is stopped
     first (reported as a gap in service); if even that cannot fit, nothing is started and the
     old server keeps serving.
 

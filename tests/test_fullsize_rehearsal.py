@@ -301,7 +301,6 @@ def test_a_switch_that_cannot_fit_beside_the_old_server_stops_it_first(twin_rele
         ServingError,
         is_running,
         model_files_bytes,
-        own_rss,
         running_servers_footprint,
         serve_model,
         status_of,
@@ -315,8 +314,7 @@ def test_a_switch_that_cannot_fit_beside_the_old_server_stops_it_first(twin_rele
     assert old is not None
     running = running_servers_footprint(settings.servers_dir, store)
     new_bytes = expected_server_bytes(model_files_bytes(outcome.model_uri, store))
-    # This process (the release's place here) counts with the servers.
-    without_old = sum(running.values()) + own_rss() - running[name] + new_bytes
+    without_old = sum(running.values()) - running[name] + new_bytes
     serve = serve_model.with_options(retries=0)
     spec = ModelServerSpec(
         model_uri=outcome.model_uri, name=name, kind=outcome.kind, smoke_question="Hello",
@@ -374,7 +372,6 @@ def test_validating_a_new_version_that_cannot_fit_stops_its_old_server_first(twi
     from tasks.serving import (
         make_room_for_model,
         model_files_bytes,
-        own_rss,
         running_servers_footprint,
         status_of,
     )
@@ -400,7 +397,7 @@ def test_validating_a_new_version_that_cannot_fit_stops_its_old_server_first(twi
     need = expected_server_bytes(model_files_bytes(new.model_uri, store))
     room = make_room_for_model(
         new.model_uri, name, settings.servers_dir, store,
-        (sum(running.values()) + own_rss() - running[name] + need + GIB // 8) / 1e9,
+        (sum(running.values()) - running[name] + need + GIB // 8) / 1e9,
     )  # fmt: skip
     assert room.plan is not None and room.plan.order == "stop-first"
     assert room.stopped is not None and room.stopped.name == name
