@@ -11,11 +11,13 @@ own SLMOPS_HOME and PREFECT_HOME), in four stages:
    server is switched to a new version;
 4. `rollback`: chat-transformers back to version 1.
 
-Per stage: wall time, the peak RSS of the flow process tree and of each model server's process
-tree (sampled every 0.5 s; servers found by their state files), the peak of their sum and of
-the machine's used memory (total - available, other users included), bytes written by the flow
-process tree (/proc io counters, per process), bytes stored under SLMOPS_HOME, free disk before
-and after, and the memory check's verdict per server switch (from the flow's log).
+Per stage: wall time (and the flow run's and its tasks' seconds, from the Prefect server), the
+peak RSS of the flow process tree, of the flow process alone (a model loaded to validate or
+evaluate it lives in a child process) and of each model server's process tree (sampled every
+0.5 s; servers found by their state files), the peak of their sum and of the machine's used
+memory (total - available, other users included), bytes written by the flow process tree
+(/proc io counters, per process), bytes stored under SLMOPS_HOME, free disk before and after,
+and the memory check's verdict per server switch (from the flow's log).
 
 Validation settings are parameters only (`generation.max_new_tokens`, as for any model); the
 twin's generation is deterministic and bounded by construction.
@@ -43,12 +45,12 @@ import yaml
 
 from benchmarks.midsize import bench_cache, tiny_model_dir
 from benchmarks.recording import REPO_ROOT, Metric, PartResult, check, write_results
-from benchmarks.sandbox import ReleaseSandbox
+from benchmarks.sandbox import RUN_SUFFIX, ReleaseSandbox
 
 GB = 1e9
 FIRST_SEED, SECOND_SEED = 20260611, 20260612
 _SWITCH_LINE = re.compile(
-    r"(phi3-mini-[a-z-]+): ((?:blue/green switch|stopping the old|not starting)[^\n]*)"
+    r"(phi3-mini-[a-z-]+): ((?:blue/green switch|stopping the old|not starting|to validate)[^\n]*)"
 )
 
 
@@ -57,6 +59,7 @@ class Peaks:
     """Peak RSS per process group, sampled while a stage runs."""
 
     flow: int = 0
+    flow_process: int = 0  # the flow's own process, without the processes it started
     servers: dict[str, int] = field(default_factory=dict)
     ours_total: int = 0  # flow tree + every server tree, at the same moment
     machine_used: int = 0  # total - available: every process on the machine
@@ -111,6 +114,7 @@ class Sampler(threading.Thread):
         total = flow_rss
         peaks = self.peaks
         peaks.flow = max(peaks.flow, flow_rss)
+        peaks.flow_process = max(peaks.flow_process, _rss(flow[:1]))
         for name, procs in servers.items():
             rss = _rss(procs)
             total += rss
@@ -163,7 +167,7 @@ def run_stage(sandbox: ReleaseSandbox, stage: Stage, hub_endpoint: str) -> dict[
     free_before = shutil.disk_usage(sandbox.root).free
     stored_before = _folder_bytes(sandbox.home)
     load_before = psutil.getloadavg()
-    started = time.perf_counter()
+    started_epoch, started = time.time(), time.perf_counter()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, *stage.argv], cwd=REPO_ROOT, env=env, stdout=log,
@@ -176,11 +180,22 @@ def run_stage(sandbox: ReleaseSandbox, stage: Stage, hub_endpoint: str) -> dict[
     peaks = sampler.stop()
     text = log_path.read_text(errors="replace")
     switches = sorted({f"{m[1]}: {m[2]}" for m in _SWITCH_LINE.finditer(text)})
+    # Where a stage's time goes: the flow run and its tasks, from the Prefect server's database.
+    flow_start, flow_s, task_seconds = sandbox.flow_run_record()
+    per_task: dict[str, float] = {}
+    for task_name, seconds in task_seconds.items():
+        key = RUN_SUFFIX.sub("", task_name)
+        per_task[key] = per_task.get(key, 0.0) + (seconds or 0.0)
+    slowest = sorted(per_task.items(), key=lambda item: -item[1])[:10]
     return {
         "stage": stage.name,
         "rc": returncode,
         "wall_s": round(wall, 1),
+        "startup_s": round(flow_start - started_epoch, 1) if flow_start else None,
+        "flow_run_s": round(flow_s, 1) if flow_s is not None else None,
+        "tasks_s": round(sum(per_task.values()), 1),
         "flow_peak_rss_gb": round(peaks.flow / GB, 2),
+        "flow_process_peak_rss_gb": round(peaks.flow_process / GB, 2),
         **{f"{name}_peak_rss_gb": round(v / GB, 2) for name, v in sorted(peaks.servers.items())},
         "ours_peak_rss_gb": round(peaks.ours_total / GB, 2),
         "machine_peak_used_gb": round(peaks.machine_used / GB, 2),
@@ -190,6 +205,7 @@ def run_stage(sandbox: ReleaseSandbox, stage: Stage, hub_endpoint: str) -> dict[
         "free_disk_after_gb": round(shutil.disk_usage(sandbox.root).free / GB, 1),
         "load_before": [round(x, 2) for x in load_before],
         "switches": switches,
+        "slowest_tasks": [(name, round(seconds, 2)) for name, seconds in slowest],
         "log_tail": "\n".join(text.splitlines()[-8:]) if returncode else "",
     }
 
@@ -214,6 +230,12 @@ def main(argv: list[str] | None = None) -> PartResult:
         "--reclaim-disk",
         action="store_true",
         help="delete the first twin once its stages ran (a full-size run needs ~60 GB free)",
+    )
+    parser.add_argument(
+        "--stop-after",
+        choices=("cached", "rollback"),
+        default="rollback",
+        help="cached: only the first release, cold and cached (about half the time)",
     )
     args = parser.parse_args(argv)
 
@@ -247,11 +269,11 @@ def main(argv: list[str] | None = None) -> PartResult:
             for folder in (first.model_dir, first.onnx_repo_dir):
                 if folder is not None:
                     shutil.rmtree(folder, ignore_errors=True)
-        with FakeHub(second.as_hub_repos()) as hub:
-            rows.append(run_stage(sandbox, Stage("new-commit", release.argv), hub.endpoint))
-            print(json.dumps(rows[-1]), flush=True)
-            rows.append(run_stage(sandbox, rollback, hub.endpoint))
-            print(json.dumps(rows[-1]), flush=True)
+        if args.stop_after == "rollback":
+            with FakeHub(second.as_hub_repos()) as hub:
+                for stage in (Stage("new-commit", release.argv), rollback):
+                    rows.append(run_stage(sandbox, stage, hub.endpoint))
+                    print(json.dumps(rows[-1]), flush=True)
         stored = _folder_bytes(sandbox.home)
     result.wall_s = time.perf_counter() - started
 
@@ -272,7 +294,13 @@ def main(argv: list[str] | None = None) -> PartResult:
         Metric("stored under SLMOPS_HOME after all stages", round(stored / GB, 2), "GB"),
     )  # fmt: skip
     result.tables["stages"] = [
-        {k: v for k, v in row.items() if k not in ("switches", "log_tail")} for row in rows
+        {k: v for k, v in row.items() if k not in ("switches", "log_tail", "slowest_tasks")}
+        for row in rows
+    ]
+    result.tables["slowest tasks"] = [
+        {"stage": row["stage"], "task": name, "seconds": seconds}
+        for row in rows
+        for name, seconds in row["slowest_tasks"]
     ]
     result.tables["server switches"] = [
         {"stage": row["stage"], "switch": s} for row in rows for s in row["switches"]

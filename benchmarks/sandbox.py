@@ -28,7 +28,7 @@ from benchmarks.recording import REPO_ROOT
 
 DEPLOYMENT = "deployments/local.yaml"
 # Prefect names task runs `<task>-<3 hex digits>` unless the task sets task_run_name.
-_RUN_SUFFIX = re.compile(r"-[0-9a-f]{3}$")
+RUN_SUFFIX = re.compile(r"-[0-9a-f]{3}$")
 _FINISHED = re.compile(
     r"^(?P<clock>\d\d:\d\d:\d\d\.\d+) \| \w+ +\| Task run '(?P<name>[^']+)' - "
     r"Finished in state (?P<state>\w+)"
@@ -140,12 +140,12 @@ class ReleaseSandbox:
             )
         wall = time.perf_counter() - t0
         text = log_path.read_text(errors="replace")
-        flow_start, flow_s, db_tasks = self._flow_run_record()
+        flow_start, flow_s, db_tasks = self.flow_run_record()
         log_tasks = _finished_lines(text)
         tasks = []
         for name, state, approx_s in log_tasks:
             duration = db_tasks.get(name, approx_s)
-            tasks.append(TaskTiming(name, _RUN_SUFFIX.sub("", name), state, duration))
+            tasks.append(TaskTiming(name, RUN_SUFFIX.sub("", name), state, duration))
         return ReleaseRun(
             returncode=proc.returncode,
             wall_s=wall,
@@ -155,7 +155,7 @@ class ReleaseSandbox:
             log_tail="\n".join(text.splitlines()[-15:]),
         )
 
-    def _flow_run_record(self) -> tuple[float | None, float | None, dict[str, float | None]]:
+    def flow_run_record(self) -> tuple[float | None, float | None, dict[str, float | None]]:
         """The latest flow run's start, its duration and its task durations, from prefect.db."""
         db = self.prefect_home / "prefect.db"
         if not db.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from tasks.onnx_storage import store_onnx_folder
 from tasks.registry import champion_version, promote_version, register_version
 from tasks.release_records import release_lease, settle_killed_releases
 from tasks.reporting import publish_markdown, publish_table
-from tasks.serving import make_room_for_model
+from tasks.serving import check_serving_fits, make_room_for_model
 from tasks.validation import compare_runtimes, unload_model, validate_model
 
 EXPERIMENT = "slmops-release"
@@ -47,6 +48,11 @@ class ReleaseValidationError(ExplainedError):
 
 class ReleaseGateError(ExplainedError):
     """The promotion gate refused at least one validated wrapper; it was registered, not promoted."""
+
+
+class ReleaseMemoryError(ExplainedError):
+    """A wrapper passed validation and the gate, but its server cannot fit in memory even once
+    the old one is stopped: it was registered, not promoted (Production stays served)."""
 
 
 def _release_run_name() -> str:
@@ -107,10 +113,18 @@ def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
         prompts = [s.prompt() for s in sample_prompts(known)]
         parity = check_runtime_parity(config, settings, snapshot, onnx_dir, logged, prompts)
 
-    outcomes = {
-        kind: release_wrapper(config, settings, snapshot, ref, parity, eval_set, known)
-        for kind, ref in logged.items()
-    }
+    try:
+        outcomes = {
+            kind: release_wrapper(config, settings, snapshot, ref, parity, eval_set, known)
+            for kind, ref in logged.items()
+        }
+    except Exception:
+        if config.serve.enabled:
+            # A champion's server stopped to make room for validating its challenger must not
+            # stay down because the release failed: serve the champions again, then fail.
+            with contextlib.suppress(Exception):
+                serve_champions(config.serve, config.registry, settings)
+        raise
     compare_wrapper_answers(
         settings, logged,
         {kind: step.evaluation for kind, step in outcomes.items() if step.evaluation is not None},
@@ -150,6 +164,17 @@ def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
         )
     if report.refused and config.promote:
         raise ReleaseGateError(gate_refusal_message(report.refused))
+    if report.unservable:
+        raise ReleaseMemoryError(
+            "\n".join(
+                f"{o.registered_model} v{o.version} not promoted (Production stays "
+                f"{f'v{o.production_version}' if o.production_version else 'nothing'}): "
+                f"{o.unservable}"
+                for o in report.unservable
+            )
+            + "\nfree memory (fewer serve.kinds, other processes) or raise "
+            "serve.memory_budget_gb, then release again"
+        )
     return report
 
 
@@ -231,7 +256,7 @@ class WrapperStep(BaseModel):
     def registered_model(self) -> str:
         return self.outcome.registered_model
 
-    def with_serving(self, endpoint: str, answer: str) -> WrapperStep:
+    def with_serving(self, endpoint: str, answer: str | None) -> WrapperStep:
         served = self.outcome.model_copy(update={"endpoint": endpoint, "sample_answer": answer})
         return self.model_copy(update={"outcome": served})
 
@@ -258,6 +283,7 @@ def release_wrapper(
     report = validate_model(
         store, ref, known_answers=known_answers,
         parity=parity if kind is not WrapperKind.CHAT_TRANSFORMERS else None,
+        fresh_process=config.validation.fresh_process,
     )  # fmt: skip
     name = config.registry.model_name(kind)
     onnx_options = (
@@ -274,7 +300,9 @@ def release_wrapper(
         else (None, None)
     )
     unload_model()  # validated and evaluated: its memory goes back before anything is served
-    if report.passed and config.promote and (decision is None or decision.promote):
+    may_promote = report.passed and config.promote and (decision is None or decision.promote)
+    unservable = _unservable(config, settings, kind, version.uri) if may_promote else ""
+    if may_promote and not unservable:
         reason = f"release of {snapshot.repo_id}@{snapshot.commit[:12]}: validation passed"
         if decision is not None and not decision.passed:
             failures = "; ".join(check.describe() for check in decision.failures)
@@ -302,8 +330,26 @@ def release_wrapper(
         production_version=champion.version if champion else None,
         gate=decision.verdict if decision else None,
         gate_summary=decision.summary() if decision else "",
+        unservable=unservable,
     )
     return WrapperStep(outcome=outcome, validation=report, evaluation=evaluation)
+
+
+def _unservable(
+    config: ReleaseConfig, settings: Settings, kind: WrapperKind, model_uri: str
+) -> str:
+    """Why `model_uri` could not be served if it were promoted now ("" when it can).
+
+    Checked before promoting, so that Production never names a version that is not served:
+    a switch that fits only without the old server is made stop-first at the serving step.
+    """
+    if not config.serve.enabled or kind not in config.serve.kinds:
+        return ""
+    plan = check_serving_fits(
+        model_uri, config.registry.model_name(kind), settings.servers_dir,
+        ModelStore.from_settings(settings), config.serve.memory_budget_gb,
+    )  # fmt: skip
+    return plan.describe() if plan is not None and plan.order == "refuse" else ""
 
 
 def load_config(argument: str | None) -> ReleaseConfig:

@@ -75,6 +75,7 @@ class ValidationReport(_Report):
     serving_example: ServingExampleReport
     outputs: OutputReport
     parity: ParityReport | None = None
+    peak_rss_mb: float | None = None  # of the process that loaded the model, when a fresh one
 
     @model_validator(mode="before")
     @classmethod
@@ -135,6 +136,9 @@ class WrapperOutcome(BaseModel):
     gate_summary: str = ""
     endpoint: str | None = None
     sample_answer: str | None = None
+    # Why a version that passed validation and the gate was not promoted: its server cannot
+    # fit in memory even once the old one is stopped ("" when it fit or was not checked).
+    unservable: str = ""
 
 
 class ReleaseReport(BaseModel):
@@ -153,6 +157,11 @@ class ReleaseReport(BaseModel):
     def refused(self) -> list[WrapperOutcome]:
         """Validated versions the promotion gate kept out of Production."""
         return [o for o in self.outcomes if o.gate == "failed"]
+
+    @property
+    def unservable(self) -> list[WrapperOutcome]:
+        """Versions kept out of Production because their server cannot fit in memory."""
+        return [o for o in self.outcomes if o.unservable]
 
 
 def validation_row(name: str, report: ValidationReport) -> dict[str, object]:

@@ -62,8 +62,13 @@ class ListItemsCheck(_Check):
 class JsonKeysCheck(_Check):
     """The answer is a JSON object (a code fence around it is allowed) with exactly `keys`."""
 
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
     kind: Literal["json_keys"] = "json_keys"
-    keys: tuple[str, ...] = Field(min_length=1)
+    # `keys` in the set's files, not as an attribute: a model with a `keys` attribute looks
+    # like a mapping to `dict(model)`, which Prefect calls on every task parameter (a release
+    # with the phi3 set crashed in evaluate_model: "'tuple' object is not callable").
+    json_keys: tuple[str, ...] = Field(alias="keys", min_length=1)
 
 
 class StopSequenceCheck(_Check):
@@ -168,8 +173,8 @@ def _score_json(check: JsonKeysCheck, answer: str) -> Verdict:
         return Verdict(passed=False, rationale=f"not JSON: {error.msg}")
     if not isinstance(value, dict):
         return Verdict(passed=False, rationale=f"JSON {type(value).__name__}, expected an object")
-    ok = set(value) == set(check.keys)
-    return Verdict(passed=ok, rationale=f"keys {sorted(value)}, expected {sorted(check.keys)}")
+    ok = set(value) == set(check.json_keys)
+    return Verdict(passed=ok, rationale=f"keys {sorted(value)}, expected {sorted(check.json_keys)}")
 
 
 def _score_stop(check: StopSequenceCheck, answer: str) -> Verdict:

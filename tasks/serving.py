@@ -241,15 +241,20 @@ def ask(handle: ServerHandle, question: str, max_tokens: int = 32, timeout: floa
     return answer_text(handle.model_kind, response.json())
 
 
-def check_server(
-    handle: ServerHandle, question: str, expect: Callable[[str], bool] | None = None
-) -> str:
-    """Health (`/ping`, `/version`) and a smoke request whose answer must be non-empty."""
+def check_health(handle: ServerHandle) -> None:
+    """`/ping` and `/version` answer (no model call)."""
     if not healthy(handle.url):
         raise ServingError(f"{handle.url}/ping is not healthy")
     version = httpx.get(f"{handle.url}/version", timeout=5.0)
     if version.status_code != 200 or not version.text.strip():
         raise ServingError(f"{handle.url}/version answered {version.status_code}")
+
+
+def check_server(
+    handle: ServerHandle, question: str, expect: Callable[[str], bool] | None = None
+) -> str:
+    """Health (`/ping`, `/version`) and a smoke request whose answer must be non-empty."""
+    check_health(handle)
     answer = ask(handle, question)
     if not answer.strip():
         raise ServingError(f"{handle.url} answered an empty string to {question!r}")
@@ -317,7 +322,7 @@ class ServeResult(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     handle: ServerHandle
-    answer: str
+    answer: str | None  # the smoke question's answer; None for a reused server (not re-asked)
     replaced: ServerHandle | None = None
     reused: bool = False
     switch: SwitchPlan | None = None  # the memory check's verdict, when a server was started
@@ -395,22 +400,73 @@ def running_servers_rss(servers_dir: Path) -> dict[str, int]:
     return rss
 
 
+def running_servers_footprint(
+    servers_dir: Path, store: ModelStore, rss: dict[str, int] | None = None
+) -> dict[str, int]:
+    """name -> what each running server may hold: max(measured RSS, its model's files).
+
+    A server whose memory-mapped weights were evicted (under memory pressure, by a model loaded
+    beside it) reads small but pages them back on its next request.
+    """
+    rss = running_servers_rss(servers_dir) if rss is None else rss
+    footprint = {}
+    for name, measured in rss.items():
+        handle = read_handle(servers_dir, name)
+        files = 0
+        if handle is not None and handle.model_uri:
+            # A model gone from the store is counted at its RSS.
+            with contextlib.suppress(MlflowException, OSError):
+                files = model_files_bytes(handle.model_uri, store)
+        footprint[name] = max(measured, files)
+    return footprint
+
+
 def plan_server_switch(
     servers_dir: Path, name: str, model_uri: str, store: ModelStore, budget_gb: float | None
 ) -> SwitchPlan:
-    """Measure the running servers and size the new model: blue/green, stop-first or refuse."""
-    running = running_servers_rss(servers_dir)
+    """Measure the running servers and size the new model: blue/green, stop-first or refuse.
+
+    The process asking (the release flow) is not counted in the budget, which bounds the
+    servers; what it holds is missing from the available memory, so the limit sees it.
+    """
+    rss = running_servers_rss(servers_dir)
+    footprint = running_servers_footprint(servers_dir, store, rss)
     try:
         files = model_files_bytes(model_uri, store)
     except MlflowException as error:  # before starting anything: the old server stays
         raise ServingError(f"{name}: cannot serve {model_uri}: {error.message}") from error
     return plan_switch(
-        running_bytes=sum(running.values()),
-        replaced_bytes=running.get(name, 0),
+        running_bytes=sum(footprint.values()),
+        replaced_bytes=footprint.get(name, 0),
         new_bytes=expected_server_bytes(files),
         available_bytes=int(psutil.virtual_memory().available),
         budget_bytes=int(budget_gb * 1e9) if budget_gb is not None else None,  # GB, as named
+        measured_bytes=sum(rss.values()),
     )
+
+
+@task(task_run_name="check-serving-fits-{name}")
+def check_serving_fits(
+    model_uri: str,
+    name: str,
+    servers_dir: Path,
+    store: ModelStore,
+    memory_budget_gb: float | None = None,
+) -> SwitchPlan | None:
+    """How serving `model_uri` as `name` would switch, measured now, before it is promoted.
+
+    A version whose server cannot fit even once the old one is stopped (`order == "refuse"`)
+    must not be promoted: Production would name a version that is not served. None: `name`
+    serves `model_uri` already.
+    """
+    with serving_lock(servers_dir, name):
+        current = read_handle(servers_dir, name)
+        if current is not None and current.model_uri == model_uri and is_running(current):
+            return None
+        plan = plan_server_switch(servers_dir, name, model_uri, store, memory_budget_gb)
+    get_run_logger().info("%s: before promoting %s, its server: %s", name, model_uri,
+                          plan.describe())  # fmt: skip
+    return plan
 
 
 class RoomReport(BaseModel):
@@ -448,7 +504,8 @@ def make_room_for_model(
     store: ModelStore,
     memory_budget_gb: float | None = None,
 ) -> RoomReport:
-    """Before loading `model_uri` in this process (validation), make sure it fits in memory.
+    """Before loading `model_uri` to validate it (in this process or a fresh one), make sure it
+    fits in memory.
 
     Validating a new version loads it beside the running servers, the old version of the same
     model included: for Phi-3-mini's transformers wrapper that is 7.7 GB on top of every
@@ -484,9 +541,9 @@ def serve_model(spec: ModelServerSpec, servers_dir: Path, store: ModelStore) -> 
     """Serve `spec.model_uri` as `spec.name`: reuse a healthy server of the same URI, else
     start, check, switch.
 
-    Before starting, the running servers' measured RSS plus the new model's expected size is
-    checked against `spec.memory_budget_gb` and the available memory
-    (`slmops.serving_memory`): if both servers cannot be up at once, the old one is stopped
+    Before starting, the running servers (each at max(measured RSS, its model's files)) plus
+    the new model's expected size are checked against `spec.memory_budget_gb` and the
+    available memory (`slmops.serving_memory`): if both servers cannot be up at once, the old one is stopped
     first (reported as a gap in service); if even that cannot fit, nothing is started and the
     old server keeps serving.
 
@@ -506,13 +563,15 @@ def serve_model(spec: ModelServerSpec, servers_dir: Path, store: ModelStore) -> 
         model_uri, alias = resolve_alias(spec.model_uri, store), alias_of(spec.model_uri)
         current = status_of(servers_dir, name)
         if current.state == "serving" and current.handle and current.handle.model_uri == model_uri:
-            answer = check_server(current.handle, smoke_question)
+            # Proven by the smoke question when it was started: a health check is enough (a
+            # question to bf16 Phi-3-mini on 2 cores takes ~60 s of a cached re-run).
+            check_health(current.handle)
             logger.info("%s already serves %s on %s", name, model_uri, current.handle.url)
             reused = current.handle
             if reused.alias != alias:  # the same version, now served as another alias
                 reused = reused.model_copy(update={"alias": alias})
                 write_handle(servers_dir, reused)
-            return ServeResult(handle=reused, answer=answer, reused=True)
+            return ServeResult(handle=reused, answer=None, reused=True)
         plan = plan_server_switch(servers_dir, name, model_uri, store, spec.memory_budget_gb)
         if plan.order == "refuse":
             raise ServingError(f"{name}: {plan.describe()}")

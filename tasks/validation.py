@@ -12,8 +12,12 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -24,6 +28,7 @@ from typing import Any, Literal
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.exceptions import MissingContextError
+from pydantic import BaseModel, ConfigDict
 
 from slmops import expectations, signatures, tags
 from slmops.config import GenerationSpec, WrapperKind
@@ -436,6 +441,7 @@ def validate_model(
     generation: GenerationSpec | None = None,
     known_answers: tuple[SamplePrompt, ...] = (),
     parity: ParityReport | None = None,
+    fresh_process: bool = False,
 ) -> ValidationReport:
     """All checks for one logged model; tags its run `slmops.validation=passed|failed`.
 
@@ -445,19 +451,86 @@ def validate_model(
         generation: the options the model was logged with (default: read from the model).
         known_answers: prompts whose expected answers must come out (none for a real model).
         parity: the runtime comparison, for ONNX models, if one was run.
+        fresh_process: load the model in a new Python process, whose memory goes back to the
+            machine when it exits (and whose peak RSS is recorded).
     """
-    report = ValidationReport(
-        model=model_ref,
-        signature=validate_signature.fn(store, model_ref),
-        serving_example=validate_serving_example.fn(store, model_ref),
-        outputs=validate_outputs.fn(
-            store, model_ref, generation=generation, known_answers=known_answers
-        ),
-        parity=parity,
+    request = ValidationRequest(
+        store=store, model_ref=model_ref, generation=generation, known_answers=known_answers
     )
+    report = _check_in_fresh_process(request) if fresh_process else check_model(request)
+    report = report.model_copy(update={"parity": parity})
     client = store.client()
     verdict = "passed" if report.passed else "failed"
     client.set_tag(model_ref.run_id, VALIDATION_TAG, verdict)
     client.set_logged_model_tags(model_ref.model_id, {VALIDATION_TAG: verdict})
     client.set_tag(model_ref.run_id, tags.VALIDATION_SUMMARY, report.summary()[:5000])
+    if report.peak_rss_mb is not None:
+        client.log_metric(
+            model_ref.run_id, "validation.peak_rss_mb", report.peak_rss_mb,
+            model_id=model_ref.model_id,
+        )  # fmt: skip
     return report
+
+
+class ValidationRequest(BaseModel):
+    """What `check_model` needs, as JSON for a fresh process."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    store: ModelStore
+    model_ref: LoggedModelRef
+    generation: GenerationSpec | None = None
+    known_answers: tuple[SamplePrompt, ...] = ()
+
+
+def check_model(request: ValidationRequest) -> ValidationReport:
+    """Signature, serving example and sample outputs of one logged model, in this process."""
+    store, model_ref = request.store, request.model_ref
+    return ValidationReport(
+        model=model_ref,
+        signature=validate_signature.fn(store, model_ref),
+        serving_example=validate_serving_example.fn(store, model_ref),
+        outputs=validate_outputs.fn(
+            store, model_ref, generation=request.generation, known_answers=request.known_answers
+        ),
+    )
+
+
+def _check_in_fresh_process(request: ValidationRequest) -> ValidationReport:
+    """`check_model` in a new Python process (`python -m tasks.validation`)."""
+    repo_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (repo_root, os.environ.get("PYTHONPATH", "")) if p
+    )}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="slmops-validate-") as scratch:
+        given, found = Path(scratch) / "request.json", Path(scratch) / "report.json"
+        given.write_text(request.model_dump_json())
+        done = subprocess.run(
+            [sys.executable, "-m", "tasks.validation", str(given), str(found)],
+            capture_output=True, text=True, check=False, env=env,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"validation process for {request.model_ref.model_uri} failed "
+                f"({done.returncode}): {done.stderr[-2000:]}"
+            )
+        report = ValidationReport.model_validate_json(found.read_text())
+    for line in report.outputs.failures:  # logged by the fresh process, into its stderr
+        _logger().warning("outputs of %s: %s", request.model_ref.model_uri, line)
+    _logger().info(
+        "validated %s in a fresh process: peak RSS %.0f MB",
+        request.model_ref.model_uri, report.peak_rss_mb or 0.0,
+    )  # fmt: skip
+    return report
+
+
+def _main(argv: Sequence[str]) -> None:
+    given, found = argv
+    report = check_model(ValidationRequest.model_validate_json(Path(given).read_text()))
+    # Linux reports ru_maxrss in KiB.
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(found).write_text(report.model_copy(update={"peak_rss_mb": peak_rss_mb}).model_dump_json())
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

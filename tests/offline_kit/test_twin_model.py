@@ -169,6 +169,30 @@ def test_switch_order_follows_the_memory_budget(budget_gib, order):
 
 
 @pytest.mark.unit
+def test_a_server_whose_weights_were_evicted_counts_at_its_models_size():
+    # new-commit at 67baa8a: the bf16 champion read 0.6 GiB (its mapped weights evicted), the
+    # two ONNX servers 3.5 GiB each. Counted at its RSS the new server looked like it fit
+    # beside it; counted at its files (7.1 GiB) it fits only once the old one is stopped.
+    rss, files = 0.6 * GIB, 7.1 * GIB
+    onnx = 2 * 3.5 * GIB
+    new = expected_server_bytes(int(files))
+    plan = plan_switch(
+        running_bytes=int(max(rss, files) + onnx), replaced_bytes=int(max(rss, files)),
+        new_bytes=new, available_bytes=14 * GIB, budget_bytes=20 * 10**9,
+        measured_bytes=int(rss + onnx),
+    )  # fmt: skip
+    assert plan.order == "stop-first"
+    # The machine's share is what the servers hold now plus what is available (the evicted
+    # pages are in `available`), not the counted sizes: the budget binds here.
+    assert plan.limit_bytes == 20 * 10**9
+    naive = plan_switch(
+        running_bytes=int(rss + onnx), replaced_bytes=int(rss), new_bytes=new,
+        available_bytes=14 * GIB, budget_bytes=20 * 10**9,
+    )  # fmt: skip
+    assert naive.order == "blue-green"
+
+
+@pytest.mark.unit
 def test_switch_stops_first_when_the_machine_cannot_hold_both():
     plan = plan_switch(
         running_bytes=8 * GIB, replaced_bytes=8 * GIB, new_bytes=8 * GIB,
@@ -192,7 +216,8 @@ def twin_release(twin, tmp_path_factory, prefect_harness):
         ),
         onnx=OnnxExportSpec(source="hub"),
         generation=GenerationSpec(max_new_tokens=4),
-        validation=ValidationSpec(reference_answers=False),  # random weights: structure only
+        # Random weights: structure only; loaded in a fresh process, as for the real model.
+        validation=ValidationSpec(reference_answers=False, fresh_process=True),
         gate=GateSpec(min_score=0.0),  # random weights answer noise: no quality floor
         registry=RegistrySpec(name_prefix="phi3-mini-twin"),
         serve=ServeSpec(kinds=(WrapperKind.CHAT_TRANSFORMERS, WrapperKind.PROMPT_ONNX),
@@ -276,7 +301,7 @@ def test_a_switch_that_cannot_fit_beside_the_old_server_stops_it_first(twin_rele
         ServingError,
         is_running,
         model_files_bytes,
-        running_servers_rss,
+        running_servers_footprint,
         serve_model,
         status_of,
     )
@@ -287,7 +312,7 @@ def test_a_switch_that_cannot_fit_beside_the_old_server_stops_it_first(twin_rele
     name = outcome.registered_model
     old = status_of(settings.servers_dir, name).handle
     assert old is not None
-    running = running_servers_rss(settings.servers_dir)
+    running = running_servers_footprint(settings.servers_dir, store)
     new_bytes = expected_server_bytes(model_files_bytes(outcome.model_uri, store))
     without_old = sum(running.values()) - running[name] + new_bytes
     serve = serve_model.with_options(retries=0)
@@ -347,7 +372,7 @@ def test_validating_a_new_version_that_cannot_fit_stops_its_old_server_first(twi
     from tasks.serving import (
         make_room_for_model,
         model_files_bytes,
-        running_servers_rss,
+        running_servers_footprint,
         status_of,
     )
 
@@ -368,7 +393,7 @@ def test_validating_a_new_version_that_cannot_fit_stops_its_old_server_first(twi
         OnnxExportSpec(source="hub"), {"repo": TWIN_REPO_ID, "commit": "feedbeef"},
         conf["onnx_model_uri"],
     )  # fmt: skip
-    running = running_servers_rss(settings.servers_dir)
+    running = running_servers_footprint(settings.servers_dir, store)
     need = expected_server_bytes(model_files_bytes(new.model_uri, store))
     room = make_room_for_model(
         new.model_uri, name, settings.servers_dir, store,
@@ -377,3 +402,70 @@ def test_validating_a_new_version_that_cannot_fit_stops_its_old_server_first(twi
     assert room.plan is not None and room.plan.order == "stop-first"
     assert room.stopped is not None and room.stopped.name == name
     assert status_of(settings.servers_dir, name).state == "absent"
+
+
+@pytest.mark.e2e
+def test_validation_loads_each_wrapper_in_a_fresh_process(twin_release):
+    from tasks.serving import model_files_bytes
+
+    settings, _, report = twin_release
+    store = ModelStore.from_settings(settings)
+    client = store.client()
+    for outcome in report.outcomes:
+        model = client.get_logged_model(outcome.model_uri.removeprefix("models:/"))
+        peak_mb = client.get_run(model.source_run_id).data.metrics["validation.peak_rss_mb"]
+        # The process that loaded the model held it (and its memory went back when it exited).
+        assert peak_mb * 1e6 > 0.5 * model_files_bytes(outcome.model_uri, store), outcome.kind
+
+
+@pytest.mark.e2e
+def test_the_fit_check_before_promoting_measures_without_stopping(twin_release):
+    from prefect.logging import disable_run_logger
+
+    from tasks.serving import check_serving_fits, status_of
+
+    settings, _, report = twin_release
+    store = ModelStore.from_settings(settings)
+    outcome = next(o for o in report.outcomes if o.kind is WrapperKind.PROMPT_ONNX)
+    name = outcome.registered_model
+    served = status_of(settings.servers_dir, name).handle.model_uri
+    other = next(u for u in (outcome.model_uri, f"models:/{name}/1") if u != served)
+    with disable_run_logger():
+        # Served already: nothing to start, whatever the budget.
+        assert check_serving_fits.fn(served, name, settings.servers_dir, store, 0.001) is None
+        plan = check_serving_fits.fn(other, name, settings.servers_dir, store, 0.001)
+    assert plan is not None and plan.order == "refuse"
+    assert status_of(settings.servers_dir, name).state == "serving"  # only measured
+
+
+@pytest.mark.e2e
+def test_a_version_whose_server_cannot_fit_is_not_promoted(twin_release, monkeypatch):
+    """Production and the served model never diverge: refused before promoting, not after."""
+    import flows.release
+    from flows.release import ReleaseMemoryError, release
+    from tasks.registry import champion_version
+    from tasks.serving import check_serving_fits, status_of
+
+    settings, config, _ = twin_release
+    store = ModelStore.from_settings(settings)
+    names = {kind: config.registry.model_name(kind) for kind in config.serve.kinds}
+    tight = names[WrapperKind.CHAT_TRANSFORMERS]
+
+    def with_no_room_for_transformers(model_uri, name, servers_dir, store, budget_gb=None):
+        budget_gb = 0.001 if name == tight else budget_gb
+        return check_serving_fits.fn(model_uri, name, servers_dir, store, budget_gb)
+
+    monkeypatch.setattr(flows.release, "check_serving_fits", with_no_room_for_transformers)
+    before = {kind: champion_version(store, name) for kind, name in names.items()}
+    # Another token budget: new wrappers, so new versions of every kind.
+    changed = config.model_copy(update={"generation": GenerationSpec(max_new_tokens=3)})
+    with pytest.raises(ReleaseMemoryError, match=f"{tight} v2 not promoted.*not starting"):
+        release(changed)
+
+    after = {kind: champion_version(store, name) for kind, name in names.items()}
+    assert after[WrapperKind.CHAT_TRANSFORMERS] == before[WrapperKind.CHAT_TRANSFORMERS]
+    assert after[WrapperKind.PROMPT_ONNX].version > before[WrapperKind.PROMPT_ONNX].version
+    for kind, name in names.items():
+        status = status_of(settings.servers_dir, name)
+        assert status.state == "serving", kind
+        assert status.handle.model_uri == after[kind].uri, kind

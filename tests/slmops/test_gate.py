@@ -396,3 +396,15 @@ def test_promote_keeps_true_and_false_and_force_needs_a_reason():
         ReleaseConfig.model_validate({"promote": "force"})
     with pytest.raises(ValueError, match="promote"):
         ReleaseConfig.model_validate({"promote": "maybe"})
+
+
+@pytest.mark.unit
+def test_the_phi3_set_can_be_a_task_parameter():
+    """Prefect visits every task parameter with `dict(model)`: a check with a `keys` attribute
+    looked like a mapping to it and crashed evaluate_model on the phi3 set."""
+    from prefect.utilities.collections import visit_collection
+
+    phi3 = load_eval_set("phi3")
+    visit_collection(phi3, lambda expr: expr, return_data=True)
+    check = JsonKeysCheck.model_validate({"kind": "json_keys", "keys": ["name", "age"]})
+    assert check.model_dump() == {"kind": "json_keys", "keys": ("name", "age")}

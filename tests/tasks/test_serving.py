@@ -36,11 +36,15 @@ def test_serve_switch_status_and_stop(fresh_store, tmp_path):
 
     assert (first.handle.version, first.handle.alias) == ("1", "")
 
-    # Same model again: the healthy server is reused, not restarted. Asked for by an alias
-    # that names the same version, the state file records the alias (what metrics label).
+    # Same model again: the healthy server is reused, not restarted, and not asked again (a
+    # smoke question to bf16 Phi-3-mini takes a minute): its health is enough. Asked for by an
+    # alias that names the same version, the state file records the alias (what metrics label).
+    asked = first.handle.log_path.read_text().count("POST /invocations")
     fresh_store.client().set_registered_model_alias("echo", "champion", "1")
     again = serve(fresh_store, "models:/echo@champion", servers)
     assert again.reused and again.handle.pid == first.handle.pid
+    assert again.answer is None
+    assert first.handle.log_path.read_text().count("POST /invocations") == asked
     assert status_of(servers, "echo").handle.alias == "champion"
 
     # A new version: started beside the old one, checked, switched, then the old one stopped.
