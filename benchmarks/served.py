@@ -109,7 +109,7 @@ def log_midsize(
     from prefect.logging import disable_run_logger
 
     from benchmarks.midsize import ensure_midsize
-    from tasks.mlflow_models import log_chat_pipeline, log_onnx_prompt_model
+    from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
 
     model = ensure_midsize()
     generation = GenerationSpec(max_new_tokens=max_new_tokens)
@@ -127,7 +127,9 @@ def log_midsize(
                 dict(source),
             )
         else:
-            raise ValueError(f"unsupported kind {kind}")
+            ref = log_onnx_chat_model.fn(
+                store, "bench", model.onnx_int4_dir, generation, OnnxExportSpec(), dict(source)
+            )
     return ref.model_uri
 
 

@@ -15,6 +15,7 @@ from flows._serving import serve_champions
 from slmops.config import OnnxExportSpec, ReleaseConfig, Settings, WrapperKind
 from slmops.errors import ExplainedError
 from slmops.eval_sets import EvalSet, load_eval_set
+from slmops.expectations import SamplePrompt, known_answer_prompts, sample_prompts
 from slmops.gate import Evaluation
 from slmops.refs import LoggedModelRef, SnapshotRef
 from slmops.reports import (
@@ -35,7 +36,7 @@ from tasks.registry import champion_version, promote_version, register_version
 from tasks.release_records import release_lease, settle_killed_releases
 from tasks.reporting import publish_markdown, publish_table
 from tasks.serving import make_room_for_model
-from tasks.validation import compare_runtimes, validate_model
+from tasks.validation import compare_runtimes, unload_model, validate_model
 
 EXPERIMENT = "slmops-release"
 
@@ -99,18 +100,15 @@ def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
         else:
             onnx_dir = export_onnx(snapshot.path, config.onnx, settings.cache_dir / "onnx")
     logged = log_wrappers(config, settings, snapshot, onnx_dir)
+    known = known_answer_prompts(eval_set) if config.validation.reference_answers else ()
     parity = None
     if config.runtime_parity:
-        fp32_dir = export_onnx(
-            snapshot.path, OnnxExportSpec(precision="fp32"), settings.cache_dir / "onnx"
-        )
-        parity = compare_runtimes(
-            snapshot.path, fp32_dir, store=store,
-            run_id=logged[WrapperKind.PROMPT_ONNX].run_id,
-        )  # fmt: skip
+        # On the prompts validation asks, known answers included.
+        prompts = [s.prompt() for s in sample_prompts(known)]
+        parity = check_runtime_parity(config, settings, snapshot, onnx_dir, logged, prompts)
 
     outcomes = {
-        kind: release_wrapper(config, settings, snapshot, ref, parity, eval_set)
+        kind: release_wrapper(config, settings, snapshot, ref, parity, eval_set, known)
         for kind, ref in logged.items()
     }
     compare_wrapper_answers(
@@ -153,6 +151,35 @@ def _release(config: ReleaseConfig, settings: Settings) -> ReleaseReport:
     if report.refused and config.promote:
         raise ReleaseGateError(gate_refusal_message(report.refused))
     return report
+
+
+def check_runtime_parity(
+    config: ReleaseConfig,
+    settings: Settings,
+    snapshot: SnapshotRef,
+    onnx_dir: Path,
+    logged: dict[WrapperKind, LoggedModelRef],
+    prompts: list[str],
+) -> ParityReport:
+    """Runtime parity on `prompts`, as `config.parity` sizes it: a small checkpoint against an
+    fp32 export of it, a big one (Phi-3-mini) through the release's own int4 model, with no fp32
+    export."""
+    store, spec = ModelStore.from_settings(settings), config.parity
+    run_id = logged[WrapperKind.PROMPT_ONNX].run_id
+    weights = sum(p.stat().st_size for p in snapshot.path.glob("*.safetensors"))
+    if spec.compares_int4(weights):
+        return compare_runtimes(
+            snapshot.path, onnx_dir, prompts=prompts, max_new_tokens=spec.max_new_tokens,
+            min_agreement=spec.int4_min_agreement, store=store, run_id=run_id,
+            onnx_precision="int4",
+        )  # fmt: skip
+    fp32_dir = export_onnx(
+        snapshot.path, OnnxExportSpec(precision="fp32"), settings.cache_dir / "onnx"
+    )
+    return compare_runtimes(
+        snapshot.path, fp32_dir, prompts=prompts, max_new_tokens=spec.max_new_tokens,
+        min_agreement=spec.min_agreement, store=store, run_id=run_id,
+    )  # fmt: skip
 
 
 def gate_refusal_message(refused: list[WrapperOutcome]) -> str:
@@ -216,9 +243,11 @@ def release_wrapper(
     ref: LoggedModelRef,
     parity: ParityReport | None,
     eval_set: EvalSet,
+    known_answers: tuple[SamplePrompt, ...],
 ) -> WrapperStep:
-    """Validate one logged wrapper, register it, judge it at the promotion gate, and promote it
-    if it passed both (or the gate was forced)."""
+    """Validate one logged wrapper (`known_answers`: prompts whose answers must come out),
+    register it, judge it at the promotion gate, and promote it if it passed both (or the gate
+    was forced)."""
     kind, store = ref.kind, ModelStore.from_settings(settings)
     if config.serve.enabled:
         # Validation loads the new version beside the running servers: memory-safe order.
@@ -227,7 +256,7 @@ def release_wrapper(
             store, config.serve.memory_budget_gb,
         )  # fmt: skip
     report = validate_model(
-        store, ref, known_answers=config.validation.reference_answers,
+        store, ref, known_answers=known_answers,
         parity=parity if kind is not WrapperKind.CHAT_TRANSFORMERS else None,
     )  # fmt: skip
     name = config.registry.model_name(kind)
@@ -244,6 +273,7 @@ def release_wrapper(
         if report.passed
         else (None, None)
     )
+    unload_model()  # validated and evaluated: its memory goes back before anything is served
     if report.passed and config.promote and (decision is None or decision.promote):
         reason = f"release of {snapshot.repo_id}@{snapshot.commit[:12]}: validation passed"
         if decision is not None and not decision.passed:

@@ -52,8 +52,8 @@ S3_KEYS = {
 }
 
 
-HEARTBEAT_S = 10  # flow-run heartbeat period on the stack's hosts
-ZOMBIE_AFTER_S = 60  # no heartbeat for this long (busy 2-core hosts included): set Crashed
+HEARTBEAT_S = 30  # flow-run heartbeat period on the stack's hosts (Prefect's minimum)
+ZOMBIE_AFTER_S = 75  # no heartbeat for this long (two and a half periods): set Crashed
 
 
 def free_port() -> int:

@@ -24,12 +24,23 @@ from slmops.families import PHI3
 # Bump when anything below changes the built bytes: it is part of the build's cache key.
 BUILDER_VERSION = "3"
 
-# The family's chat template and special tokens; the model is trained to answer the family's
-# validation prompts, so that validation can check the answers of the embedded default.
+# The family's chat template and special tokens.
 PHI3_CHAT_TEMPLATE = PHI3.chat_template
 PHI3_ADDED_TOKENS = PHI3.added_tokens
-TRAINED_ANSWERS: dict[str, str] = PHI3.reference_answers()
-TRAINED_SYSTEM_PROMPT = PHI3.validation_system_prompt
+# What the model learns to answer (each question with and without the system prompt), so that a
+# release of the embedded default can check known answers: the `tiny-phi3` evaluation set asks
+# these questions (a test keeps the two equal). Changing them changes the built bytes.
+TRAINED_ANSWERS: dict[str, str] = {
+    "What is the capital of Spain?": "The capital of Spain is Madrid.",
+    "What is the capital of France?": "The capital of France is Paris.",
+    "What is the capital of Italy?": "The capital of Italy is Rome.",
+    "What is the capital of Japan?": "The capital of Japan is Tokyo.",
+    "What is two plus two?": "Two plus two is four.",
+    "What color is the sky?": "The sky is blue.",
+    "Tell me a joke about atom": "Never trust an atom, they make up everything.",
+    "Who are you?": "I am a tiny Phi-3 model built by slmops.",
+}
+TRAINED_SYSTEM_PROMPT = "You are a helpful assistant."
 
 # Text the tokenizer is trained on besides the chat data, so ordinary prompts tokenize into
 # word pieces rather than bytes.
@@ -287,3 +298,32 @@ def tree_digest(folder: Path) -> str:
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
+
+
+def degrade_weights(
+    model_dir: Path, out_dir: Path, scale: float, seed: int = 0, match: str = "mlp."
+) -> Path:
+    """A copy of the Hugging Face folder `model_dir` in `out_dir` whose tensors named with
+    `match` carry seeded Gaussian noise of `scale` times their own standard deviation: a model
+    degraded on purpose, same shape and files, so only an evaluation can tell.
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    for source in sorted(model_dir.iterdir()):
+        if source.suffix != ".safetensors":
+            shutil.copy2(source, out_dir / source.name)
+            continue
+        tensors = load_file(source)
+        for name in sorted(tensors):
+            tensor = tensors[name]
+            if match in name and tensor.is_floating_point():
+                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+                noisy = tensor.float() + noise * scale * tensor.float().std()
+                tensors[name] = noisy.to(tensor.dtype)
+        save_file(tensors, out_dir / source.name, metadata={"format": "pt"})
+    return out_dir

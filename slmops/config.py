@@ -132,7 +132,8 @@ class GenerationSpec(Spec):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)  # 0 = greedy, reproducible
     # The ONNX wrappers' shared onnxruntime-genai engine: turns generated together, and the
     # tokens (prompt + answer) one turn may reach, which also sizes each batch slot's KV cache.
-    # 4 is what onnxruntime-genai configures on CPU by itself (slmops.onnx_genai_runtime).
+    # 4 is what onnxruntime-genai configures on CPU by itself (slmops.onnx_genai_runtime), and
+    # measured best of 1, 2, 4 (benchmarks.serving_engine; README "Measured").
     engine_max_batch_size: int = Field(default=4, ge=1, le=64)
     engine_token_budget: int = Field(default=2048, ge=16)
 
@@ -180,8 +181,9 @@ class RegistrySpec(Spec):
 class ValidationSpec(Spec):
     """What validation demands beyond structure (signature, serving example, output suite)."""
 
-    # The answers the family's validation prompts must get (slmops.families): true for a model
-    # that learned them (the embedded tiny Phi-3), false for a real model.
+    # Validation also asks the evaluation set's questions with one reference answer (exact
+    # checks), whose answers must come out: true for a model that learned them (the embedded
+    # tiny Phi-3 and its `tiny-phi3` set), false for a real model.
     reference_answers: bool = True
 
 
@@ -236,6 +238,28 @@ class ModelServerSpec(Spec):
         )  # fmt: skip
 
 
+class ParitySpec(Spec):
+    """Runtime parity: the ONNX runtime's greedy tokens against transformers', prompt by prompt.
+
+    A checkpoint of up to `fp32_max_weights_gb` is compared exactly: transformers in fp32 against
+    an fp32 ONNX export, where any divergence is a conversion bug. A bigger one would need an
+    fp32 export of twice its bf16 size (15 GB for Phi-3-mini) and transformers in fp32 (15 GB of
+    memory), so its parity is what users get: the release's int4 model against transformers in
+    the checkpoint's own dtype (bf16), which quantization makes diverge now and then; the share
+    of greedy tokens that agree up to each prompt's first divergence must reach
+    `int4_min_agreement`.
+    """
+
+    fp32_max_weights_gb: float = Field(default=2.0, gt=0)
+    min_agreement: float = Field(default=0.95, ge=0.0, le=1.0)  # fp32 export vs fp32
+    int4_min_agreement: float = Field(default=0.5, ge=0.0, le=1.0)  # int4 release vs bf16
+    max_new_tokens: int = Field(default=32, ge=1, le=512)
+
+    def compares_int4(self, weights_bytes: int) -> bool:
+        """Whether a checkpoint of `weights_bytes` is compared through the int4 release."""
+        return weights_bytes > self.fp32_max_weights_gb * 1e9
+
+
 class ReleaseConfig(Spec):
     """Parameters of the release flow (rendered as the Prefect UI form)."""
 
@@ -252,9 +276,10 @@ class ReleaseConfig(Spec):
     # `promote_reason`.
     promote: bool | Literal["force"] = True
     promote_reason: str = ""
-    # Greedy transformers vs onnxruntime-genai fp32, token by token (needs an fp32 export: cheap
-    # for the tiny model, ~15 GB for the real Phi-3-mini).
+    # Greedy transformers vs onnxruntime-genai, token by token: against an fp32 export for a
+    # small checkpoint, against the int4 release in bf16 for a big one (`parity`).
     runtime_parity: bool = True
+    parity: ParitySpec = ParitySpec()
 
     @model_validator(mode="after")
     def _forcing_needs_a_reason(self) -> ReleaseConfig:
@@ -399,3 +424,17 @@ class ServeFlowConfig(Spec):
     action: Literal["start", "stop", "status"] = "status"
     registry: RegistrySpec = RegistrySpec()
     serve: ServeSpec = ServeSpec()
+
+
+class PruneConfig(Spec):
+    """Parameters of the prune flow: which registered models lose the files of old versions."""
+
+    registry: RegistrySpec = RegistrySpec()
+    kinds: tuple[WrapperKind, ...] = tuple(WrapperKind)
+    # Released versions (Production or Archived) kept per registered model, the newest by
+    # number: after a release, the champion and the version it replaced. Production, Staging,
+    # unpromoted (stage None) and aliased versions are kept beyond these.
+    keep_last: int = Field(default=2, ge=1, le=1000)
+    # Report what would be deleted; change nothing.
+    dry_run: bool = False
+    reason: str = Field(default="retention: keep the newest versions", min_length=3)

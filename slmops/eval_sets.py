@@ -6,7 +6,8 @@ embedded tiny model, whose set is the questions it was trained on). One JSON obj
     {"id": "capital-france", "question": "What is the capital of France?",
      "check": {"kind": "contains", "any_of": ["Paris"]}}
 
-with optional `system` (a system prompt) and `max_tokens`. A stop-sequence item is asked with
+with optional `system` (a system prompt), `max_tokens` and `reference` (a right answer, which
+the check must accept: the shipped sets' tests score it). A stop-sequence item is asked with
 `stop=[check.stop]`, which only the chat wrappers take, so the raw-prompt wrapper skips it.
 Blank lines and lines starting with `#` are ignored. A malformed line is an `EvalSetError`
 naming the file and line; loading checks every line before anything is evaluated.
@@ -42,6 +43,8 @@ class EvalItem(BaseModel):
     question: str = Field(min_length=1)
     system: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
+    # A right answer, written by the set's author: documents what the check accepts.
+    reference: str | None = None
     check: Check
 
     @property

@@ -3,9 +3,10 @@
 Validation predicts the sample prompts with a logged model, turns the outputs into one row per
 sample (`sample_frame`), and checks the rows with `run_output_suite`: non-empty text of bounded
 length, and for chat models a finish_reason in {stop, length} and consistent token usage. The
-prompts are the model family's validation prompts (`slmops.families`); where the model is known
-to have learned their reference answers (the embedded tiny Phi-3), those must come out too; that
-check is off for a real model.
+prompts are the model family's validation prompts (`slmops.families`), which no model was
+trained on. Where a model is known to have learned the reference answers of its evaluation set
+(the embedded tiny Phi-3, `ValidationSpec.reference_answers`), those questions are asked too
+and their answers must come out (`known_answer_prompts`); that check is off for a real model.
 
 great-expectations is imported inside functions: its import costs ~2 s.
 """
@@ -18,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from slmops.config import WrapperKind
+from slmops.eval_sets import EvalSet
 from slmops.families import PHI3, ChatFamily
+from slmops.scorers import ExactCheck
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -46,21 +49,29 @@ class SamplePrompt(BaseModel):
 
 
 def sample_prompts(
-    known_answers: bool = True, family: ChatFamily = PHI3
+    known_answers: Sequence[SamplePrompt] = (), family: ChatFamily = PHI3
 ) -> tuple[SamplePrompt, ...]:
-    """The family's validation prompts, every other one with its validation system prompt.
+    """The family's validation prompts, every other one with its validation system prompt, then
+    the `known_answers` prompts (whose `expected` answers must come out).
 
     Args:
-        known_answers: attach the reference answers as `expected` (off for a real model).
+        known_answers: questions the model learned the answers of (`known_answer_prompts`).
         family: the model family.
     """
+    structural = tuple(
+        SamplePrompt(question=question, system=family.validation_system_prompt if i % 2 else None)
+        for i, question in enumerate(family.validation_prompts)
+    )
+    return structural + tuple(known_answers)
+
+
+def known_answer_prompts(eval_set: EvalSet) -> tuple[SamplePrompt, ...]:
+    """The set's items with one reference answer (exact checks), as validation prompts that
+    expect it: for a model trained on its set's answers, such as the embedded tiny Phi-3."""
     return tuple(
-        SamplePrompt(
-            question=prompt.question,
-            system=family.validation_system_prompt if i % 2 else None,
-            expected=prompt.answer if known_answers else None,
-        )
-        for i, prompt in enumerate(family.validation_prompts)
+        SamplePrompt(question=item.question, system=item.system, expected=item.check.answer)
+        for item in eval_set.items
+        if isinstance(item.check, ExactCheck)
     )
 
 
@@ -129,9 +140,12 @@ def sample_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     counts = ["prompt_tokens", "completion_tokens", "total_tokens"]
     frame[counts] = frame[counts].astype("Int64")
     frame["prompt_plus_completion"] = frame["prompt_tokens"] + frame["completion_tokens"]
+    # From the rows, not the frame: a column of None and text reads None back as NaN.
     frame["answer_found"] = [
-        None if expected is None else bool(isinstance(text, str) and expected in text)
-        for expected, text in zip(frame["expected"], frame["text"], strict=True)
+        None
+        if row["expected"] is None
+        else bool(isinstance(row["text"], str) and row["expected"] in row["text"])
+        for row in rows
     ]
     frame["answer_found"] = frame["answer_found"].astype("object")
     return frame

@@ -1,23 +1,16 @@
 """Model families: what the pipeline knows of a family of chat models, as configuration.
 
 The chat template a raw-prompt wrapper needs, the special tokens, the prompts validation asks
-(with the answers a model of the family that learned them gives), and the smoke question a new
-server must answer. Production code reads these from here; the embedded tiny Phi-3 (the offline
-kit) is built from them too, never the other way round.
+to check the structure of the answers, and the smoke question a new server must answer.
+Production code reads these from here; the embedded tiny Phi-3 (the offline kit) takes its
+template and tokens from here too, never the other way round. The validation prompts are not
+what the tiny model was trained on (that is the offline kit's, and the `tiny-phi3` evaluation
+set's): answers the model never learned are what a real model's validation sees too.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
-
-
-class ValidationPrompt(BaseModel):
-    """A question validation asks, and the answer the embedded model of the family gives."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    question: str
-    answer: str
 
 
 class ChatFamily(BaseModel):
@@ -34,8 +27,9 @@ class ChatFamily(BaseModel):
     user_prefix: str
     assistant_prefix: str
     turn_end: str
-    validation_prompts: tuple[ValidationPrompt, ...]
-    # Every other validation prompt is asked with this system prompt.
+    # Questions any chat model of the family answers with some text (validation checks its
+    # structure, not its words); every other one is asked with `validation_system_prompt`.
+    validation_prompts: tuple[str, ...]
     validation_system_prompt: str
     smoke_question: str
 
@@ -44,9 +38,6 @@ class ChatFamily(BaseModel):
         ready for generation: what the raw-prompt wrapper takes."""
         text = f"{self.system_prefix}{system}{self.turn_end}" if system else ""
         return f"{text}{self.user_prefix}{question}{self.turn_end}{self.assistant_prefix}"
-
-    def reference_answers(self) -> dict[str, str]:
-        return {p.question: p.answer for p in self.validation_prompts}
 
 
 PHI3 = ChatFamily(
@@ -78,18 +69,11 @@ PHI3 = ChatFamily(
     user_prefix="<|user|>\n",
     assistant_prefix="<|assistant|>\n",
     turn_end="<|end|>\n",
-    validation_prompts=tuple(
-        ValidationPrompt(question=q, answer=a)
-        for q, a in (
-            ("What is the capital of Spain?", "The capital of Spain is Madrid."),
-            ("What is the capital of France?", "The capital of France is Paris."),
-            ("What is the capital of Italy?", "The capital of Italy is Rome."),
-            ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
-            ("What is two plus two?", "Two plus two is four."),
-            ("What color is the sky?", "The sky is blue."),
-            ("Tell me a joke about atom", "Never trust an atom, they make up everything."),
-            ("Who are you?", "I am a tiny Phi-3 model built by slmops."),
-        )
+    validation_prompts=(
+        "Describe a sunrise in one sentence.",
+        "Name three kinds of fruit.",
+        "Explain in one sentence what a model registry is for.",
+        "Write a short greeting for a new colleague.",
     ),
     validation_system_prompt="You are a helpful assistant.",
     smoke_question="What is the capital of Spain?",

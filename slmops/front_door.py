@@ -12,10 +12,12 @@ Both of our chat wrappers (the transformers `llm/v1/chat` pipeline and the onnxr
 chat pyfunc) already take and return OpenAI chat completions at `/invocations`. So this is the
 smallest shim that keeps that contract intact: it validates the OpenAI request, refuses what it
 cannot do honestly (tools, sampling knobs it does not forward), forwards `messages`,
-`max_tokens`, `temperature`, `stop` and `n` unchanged, and unwraps the completion. Which server
-answers for a model is re-read from its state file `<servers_dir>/<name>.json` on every request,
-so a blue/green switch by the release flow is picked up at once and the front door's own
-address never changes.
+`max_tokens`, `temperature`, `stop` and `n` unchanged, and unwraps the completion. vLLM's
+`min_tokens` and `ignore_eos` (fixed-length generations, for load tests) reach the ONNX chat
+model through its token stream only: `/invocations` drops inputs outside the signature, so
+elsewhere they are refused. Which server answers for a model is re-read from its state file
+`<servers_dir>/<name>.json` on every request, so a blue/green switch by the release flow is
+picked up at once and the front door's own address never changes.
 
 Streaming (`stream: true`, server-sent events in OpenAI's chunk format). MLflow's scoring server
 cannot stream (MLflow issue #12439), so the served ONNX chat model also exposes its engine's
@@ -46,12 +48,13 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -117,6 +120,14 @@ class ChatCompletionRequest(BaseModel):
     n: int | None = Field(default=None, ge=1)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    # vLLM's extensions, for fixed-length generations (load tests, benchmarks): end tokens are
+    # not generated before `min_tokens`; `ignore_eos` generates `max_tokens` whatever comes.
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
+
+    @property
+    def fixes_length(self) -> bool:
+        return bool(self.min_tokens) or bool(self.ignore_eos)
 
     def upstream_body(self) -> dict[str, Any]:
         """The `/invocations` body: only what the client gave, in the models' chat shape."""
@@ -133,6 +144,10 @@ class ChatCompletionRequest(BaseModel):
         # n=1 is every model's default; the transformers pipeline refuses an explicit `n`.
         if self.n is not None and self.n != 1:
             body["n"] = self.n
+        if self.min_tokens:
+            body["min_tokens"] = self.min_tokens
+        if self.ignore_eos:
+            body["ignore_eos"] = True
         return body
 
 
@@ -201,7 +216,7 @@ def parse_request(payload: Any) -> ChatCompletionRequest:
         raise invalid_request(
             f"unsupported parameter(s): {', '.join(unsupported)}; this endpoint takes model, "
             "messages, max_tokens (or max_completion_tokens), temperature, stop, n, stream, "
-            "stream_options",
+            "stream_options, min_tokens, ignore_eos",
             "unsupported_parameter",
         )
     known = {k: v for k, v in payload.items() if k in ChatCompletionRequest.model_fields}
@@ -213,7 +228,28 @@ def parse_request(payload: Any) -> ChatCompletionRequest:
         raise invalid_request(f"{where}: {first['msg']}") from exc
     if request.stream and request.n not in (None, 1):
         raise invalid_request("a streamed completion has one choice; send n=1", "stream_n")
+    max_tokens = request.max_tokens or request.max_completion_tokens
+    if request.min_tokens and max_tokens is not None and request.min_tokens > max_tokens:
+        raise invalid_request(
+            f"min_tokens ({request.min_tokens}) is more than max_tokens ({max_tokens})"
+        )
     return request
+
+
+def streams_tokens(backend: Backend, chat: ChatCompletionRequest) -> bool:
+    """Whether the answer comes from the model's token stream: the ONNX chat model, n=1."""
+    return backend.stream_url is not None and chat.n in (None, 1)
+
+
+def check_generation_options(chat: ChatCompletionRequest, backend: Backend) -> None:
+    """Refuse what the model would silently drop: `/invocations` ignores inputs outside the
+    signature, so `min_tokens` and `ignore_eos` reach a model only through its token stream."""
+    if chat.fixes_length and not streams_tokens(backend, chat):
+        raise invalid_request(
+            f"min_tokens and ignore_eos are honoured only by a model with a token stream and "
+            f"one choice (n=1); {backend.name} would ignore them",
+            "unsupported_parameter",
+        )
 
 
 def _upstream_error(response: httpx.Response, backend: Backend) -> FrontDoorError:
@@ -356,8 +392,10 @@ LABELS = ("model", "version", "alias")
 
 
 class FrontDoorMetrics:
-    """What `/metrics` shows, labelled by registered model, version and the name asked for
-    (`alias`: the registered name, or a kind such as `chat-onnx`)."""
+    """What `/metrics` shows, labelled by what answered: the registered model, the registry
+    version its server serves and the alias it was served as (`champion`), from the server's
+    state file. A request refused before a model was found has all three empty (a name a
+    client made up never becomes a label value)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -386,11 +424,10 @@ class FrontDoorMetrics:
         )
 
 
-def _labels(backend: Backend | None, asked: str) -> dict[str, str]:
+def _labels(backend: Backend | None) -> dict[str, str]:
     if backend is None:
-        return {"model": "", "version": "", "alias": asked}
-    version = backend.model_uri.rsplit("/", 1)[-1] if backend.model_uri else ""
-    return {"model": backend.name, "version": version, "alias": asked}
+        return {"model": "", "version": "", "alias": ""}
+    return {"model": backend.name, "version": backend.version, "alias": backend.alias}
 
 
 def _chunk_head(chunk: Mapping[str, Any]) -> dict[str, Any]:
@@ -505,16 +542,16 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Any:
         started = time.monotonic()
-        asked, backend = "", None
+        backend = None
         try:
             try:
                 payload = json.loads(await request.body())
             except ValueError as exc:
                 raise invalid_request(f"the body is not JSON: {exc}") from exc
-            asked = str(payload.get("model", "")) if isinstance(payload, dict) else ""
             chat = parse_request(payload)
             backend = resolve_model(servers_dir, chat.model)
-            labels = _labels(backend, chat.model)
+            check_generation_options(chat, backend)
+            labels = _labels(backend)
             metrics.requests.labels(**labels).inc()
             gate = gate_of(backend)
             metrics.queue_depth.labels(**labels).inc()
@@ -538,10 +575,30 @@ def create_app(
             finally:
                 await release()
         except FrontDoorError as error:
-            metrics.errors.labels(**_labels(backend, asked), code=str(error.status)).inc()
+            metrics.errors.labels(**_labels(backend), code=str(error.status)).inc()
             raise
 
     return app
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """A streaming response that closes its events however it ends.
+
+    When the client has gone, Starlette stops at the next send (`ClientDisconnect`) and leaves
+    the events generator suspended: its cleanup (cancel the generation, free the slot) would
+    wait for the garbage collector, which, in a reference cycle, can be never soon enough.
+    """
+
+    def __init__(self, events: AsyncGenerator[str, None], **kwargs: Any) -> None:
+        super().__init__(events, **kwargs)
+        self._events = events
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._events.aclose()
 
 
 @dataclass
@@ -558,8 +615,7 @@ class _Answer:
 
     @property
     def tokens_streamed(self) -> bool:
-        # The ONNX chat model's token stream answers one choice (n=1).
-        return self.backend.stream_url is not None and self.chat.n in (None, 1)
+        return streams_tokens(self.backend, self.chat)
 
     def remaining(self) -> float:
         remaining = self.deadline - time.monotonic()
@@ -661,7 +717,7 @@ class _Answer:
             raise
         include_usage = bool(self.chat.stream_options and self.chat.stream_options.include_usage)
 
-        async def events() -> AsyncIterator[str]:
+        async def events() -> AsyncGenerator[str, None]:
             chunk: dict[str, Any] | None = first
             try:
                 while chunk is not None:
@@ -685,12 +741,14 @@ class _Answer:
                 yield _sse(failure.body())
             finally:
                 # A client gone, a deadline or the end: closing the model's stream cancels
-                # whatever it was still generating, and the slot is free again.
-                await chunks.aclose()  # type: ignore[attr-defined]
-                await client.aclose()
-                await release()
+                # whatever it was still generating, and the slot is free again. Shielded: a
+                # cancelled response task must still get this done.
+                with anyio.CancelScope(shield=True):
+                    await chunks.aclose()  # type: ignore[attr-defined]
+                    await client.aclose()
+                    await release()
 
-        return StreamingResponse(
+        return _ClosingStreamingResponse(
             events(),
             media_type="text/event-stream",
             headers={"X-Slmops-Streaming": kind, "Cache-Control": "no-cache"},

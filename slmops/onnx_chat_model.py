@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel, PythonModelContext
@@ -93,6 +94,22 @@ def _messages(request: dict[str, Any]) -> list[dict[str, str]]:
     return cleaned
 
 
+def _min_tokens(request: dict[str, Any], max_tokens: int) -> int:
+    """End tokens are not generated before this many tokens (vLLM's `min_tokens`);
+    `ignore_eos` makes it `max_tokens`: a fixed-length generation."""
+    ignore_eos = request.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool | np.bool_):
+        raise _invalid(f"ignore_eos must be true or false, got {ignore_eos!r}")
+    value = request.get("min_tokens", 0)
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        value = int(value)  # a frame column with missing rows is float
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise _invalid(f"min_tokens must be a whole number, got {value!r}")
+    if not 0 <= value <= max_tokens:
+        raise _invalid(f"min_tokens must be in [0, max_tokens={max_tokens}], got {value}")
+    return max_tokens if ignore_eos else int(value)
+
+
 def _stop_sequences(value: Any) -> list[str]:
     if _missing(value):
         return []
@@ -118,7 +135,7 @@ class OnnxChatModel(PythonModel):
             runtime.serve_token_stream(
                 int(stream_port),
                 lambda r: self.predict_stream(context, r),
-                lambda: self._runtime.engine.in_flight,
+                lambda: self._runtime.engine.health(),
             )
             if stream_port
             else None
@@ -189,6 +206,7 @@ class OnnxChatModel(PythonModel):
             )
         if not 1 <= n <= MAX_CHOICES:
             raise _invalid(f"n must be in [1, {MAX_CHOICES}], got {n}")
+        min_tokens = _min_tokens(request, max_tokens)
         search: dict[str, Any] = {"temperature": temperature}
         if temperature > 0:
             if "top_p" in request:
@@ -198,6 +216,7 @@ class OnnxChatModel(PythonModel):
         return {
             "search": search,
             "max_tokens": max_tokens,
+            "min_tokens": min_tokens,
             "n": n,
             "stop": _stop_sequences(request.get("stop")),
         }
@@ -213,7 +232,10 @@ class OnnxChatModel(PythonModel):
 
     def _turns(self, input_ids: list[int], options: dict[str, Any]) -> list[runtime.TextTurn]:
         """The request's `n` choices, handed to the engine together (one batch if room)."""
-        spec = runtime.TurnSpec(input_ids, options["max_tokens"], **options["search"])
+        spec = runtime.TurnSpec(
+            input_ids, options["max_tokens"], min_new_tokens=options["min_tokens"],
+            **options["search"],
+        )  # fmt: skip
         return runtime.TextTurn.start(self._runtime, [spec] * options["n"], options["stop"])
 
     def _complete(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -277,6 +277,7 @@ class SharedEngine:
         self._lock = threading.Lock()
         self.max_batch_size = 0
         self.largest_batch = 0  # the most turns one engine step has generated for
+        self.finished: collections.Counter[str] = collections.Counter()  # turns, by how they ended
         # onnxruntime-genai binds an engine to the thread that created it: its thread builds it.
         started: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
@@ -304,6 +305,12 @@ class SharedEngine:
         """Turns submitted and not finished (generating, or waiting for a batch slot)."""
         with self._lock:
             return len(self._active) + len(self._waiting) + self._inbox.qsize()
+
+    def health(self) -> dict[str, Any]:
+        """Turns in flight, and turns finished by how they ended ("cancelled", "stop", ...)."""
+        with self._lock:
+            finished = dict(self.finished)
+        return {"in_flight": self.in_flight, "finished": finished}
 
     def submit(self, spec: TurnSpec) -> Turn:
         (turn,) = self.submit_many([spec])
@@ -454,8 +461,9 @@ class SharedEngine:
                 turn = self._waiting.popleft()
             self._begin(turn)
 
-    @staticmethod
-    def _finish(turn: Turn, finish: str) -> None:
+    def _finish(self, turn: Turn, finish: str) -> None:
+        with self._lock:
+            self.finished[finish] += 1
         turn.finish_reason = finish
         turn._events.put(_DONE)
 
@@ -578,11 +586,11 @@ STREAM_PATH = "/stream"
 def serve_token_stream(
     port: int,
     stream: Callable[[dict[str, Any]], Iterator[dict[str, Any]]],
-    in_flight: Callable[[], int],
+    health: Callable[[], dict[str, Any]],
     host: str = "127.0.0.1",
 ) -> Any:
     """Serve `stream(request)` as newline-delimited JSON on `host:port`, in daemon threads;
-    `GET /health` says how many turns the engine has in flight."""
+    `GET /health` answers `health()` (the engine's turns in flight and finished by reason)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from mlflow.exceptions import MlflowException as _MlflowException
@@ -597,7 +605,7 @@ def serve_token_stream(
             if self.path != "/health":
                 self._answer(404, {"message": f"no route {self.path}"})
                 return
-            self._answer(200, {"status": "ok", "in_flight": in_flight()})
+            self._answer(200, {"status": "ok", **health()})
 
         def do_POST(self) -> None:  # noqa: N802
             if self.path != STREAM_PATH:

@@ -49,7 +49,7 @@ class OutputReport(_Report):
 
 
 class ParityReport(_Report):
-    """Greedy transformers against greedy onnxruntime-genai (fp32), token by token."""
+    """Greedy transformers against greedy onnxruntime-genai, token by token."""
 
     passed: bool
     prompts: int
@@ -61,6 +61,10 @@ class ParityReport(_Report):
     # input, so their agreement means nothing and parity fails whatever the rate.
     tokenizer_mismatches: int = 0
     mismatches: tuple[str, ...] = ()
+    # What was compared: an fp32 export against transformers in fp32, or the int4 release
+    # against transformers in the checkpoint's dtype (slmops.config.ParitySpec).
+    onnx_precision: str = "fp32"
+    reference_dtype: str = "float32"
 
 
 class ValidationReport(_Report):

@@ -40,6 +40,7 @@ class ServerHandle(BaseModel):
     started_at: str
     kind: WrapperKind | None = None  # None: the front door
     model_uri: str = ""  # the registered version served (models:/name/<version>)
+    alias: str = ""  # the registry alias it was served as (e.g. champion); "" if none
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S  # the server's limit per request
     # The served ONNX chat model's token stream (`POST /stream`, newline-delimited chunks), on
     # a second port of the same process: MLflow's scoring server cannot stream. None: no stream.
@@ -48,6 +49,14 @@ class ServerHandle(BaseModel):
     @property
     def stream_url(self) -> str | None:
         return f"http://{self.host}:{self.stream_port}/stream" if self.stream_port else None
+
+    @property
+    def version(self) -> str:
+        """The registry version served ("3" of models:/name/3); "" for any other URI."""
+        if not self.model_uri.startswith("models:/") or "@" in self.model_uri:
+            return ""
+        ref = self.model_uri.removeprefix("models:/")
+        return ref.rsplit("/", 1)[-1] if "/" in ref else ""
 
     @property
     def url(self) -> str:

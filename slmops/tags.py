@@ -14,8 +14,11 @@ FLOW_RUN = "slmops.prefect.flow_run_id"  # the Prefect flow run that opened the 
 VALIDATION = "slmops.validation"  # passed | failed (and `.summary`)
 VALIDATION_SUMMARY = "slmops.validation.summary"
 PARITY = "slmops.parity"  # passed | failed
+PARITY_COMPARED = "slmops.parity.compared"  # e.g. "onnx int4 vs auto": what parity compared
 EVALUATION_SET = "slmops.evaluation.set"  # <set name>@<digest>: what the model was evaluated on
 SOURCE_PREFIX = "slmops.source."  # + repo, commit: where the weights came from
+# Param of an ONNX wrapper's run (and so of its LoggedModel): the stored ONNX folder it names.
+ONNX_ARTIFACT_URI_PARAM = "onnx.artifact_uri"
 
 # On registered model versions.
 SOURCE_REPO_ID = "slmops.source.repo_id"  # also on the registered model: its one source repo
@@ -24,6 +27,10 @@ SOURCE_MODEL_URI = "slmops.source_model_uri"  # the logged model a version was r
 ONNX_OPTIONS = "slmops.onnx"
 VALIDATION_PASSED = "slmops.validation.passed"  # true | false: the promotion guard reads it
 AUDIT_PREFIX = "slmops.audit."  # + timestamp: one registry move each
+# JSON {at, by, reason, deleted}: the version's stored files were deleted by retention (the
+# prune flow); it can no longer be served, rolled back to or promoted. Also on a pruned
+# `store-onnx` run.
+PRUNED = "slmops.pruned"
 EVALUATION_PREFIX = "slmops.evaluation."  # + set name: the version's Evaluation as JSON
 
 # On runs and registered versions: the promotion gate's decision.

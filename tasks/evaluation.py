@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from slmops.refs import LoggedModelRef, ModelVersionRef
 from slmops.scorers import SCORER_OF, SCORERS, Check, score
 from slmops.store import ModelStore
 from tasks.caching import WhileResultIsLive, logged_model_exists, source_of
-from tasks.validation import local_model_dir
+from tasks.validation import ask_model, is_loaded, load_model, local_model_dir
 
 CHECK = TypeAdapter(Check)
 
@@ -87,21 +87,20 @@ def answer_text(kind: WrapperKind, output: Any) -> str | None:
 
 
 def predict_items(folder: Path, kind: WrapperKind, items: Sequence[EvalItem]) -> list[Prediction]:
-    """Each item's answer from the model in `folder`, timed one request at a time."""
-    import mlflow
-
-    model = mlflow.pyfunc.load_model(str(folder))
-    # One untimed request first: lazy initialisation is not the model's latency.
-    with contextlib.suppress(Exception):
-        model.predict(items[0].request(kind))
+    """Each item's answer from the model in `folder`, timed one request at a time (the model
+    validation just loaded and asked, whose answers to the same requests are reused)."""
+    if not is_loaded(folder):
+        # One untimed request first: lazy initialisation is not the model's latency.
+        with contextlib.suppress(Exception):
+            load_model(folder).predict(items[0].request(kind))
     predictions = []
     for item in items:
         started = time.perf_counter()
         try:
-            output, error = model.predict(item.request(kind)), None
+            (output, latency), error = ask_model(folder, item.request(kind)), None
         except Exception as failure:  # an item the model cannot answer fails, it is not a crash
             output, error = None, f"{type(failure).__name__}: {failure}"[:500]
-        latency = time.perf_counter() - started
+            latency = time.perf_counter() - started
         predictions.append(
             Prediction(id=item.id, answer=answer_text(kind, output), latency_s=latency, error=error)
         )
@@ -145,6 +144,24 @@ def _one_worker() -> Iterator[None]:
                 os.environ[name] = value
 
 
+@contextlib.contextmanager
+def _no_databricks_warmup(tracking_uri: str) -> Iterator[None]:
+    """mlflow.genai.evaluate imports databricks.sdk before it scores (MLflow's
+    `_warmup_databricks_sdk`: its worker threads must not race to import it); a store that is
+    not Databricks never needs it, and the import is 1.5-4 s of a release here (measured)."""
+    from mlflow.genai.evaluation import harness
+
+    warmup = getattr(harness, "_warmup_databricks_sdk", None)
+    if warmup is None or tracking_uri.startswith("databricks"):
+        yield
+        return
+    harness._warmup_databricks_sdk = lambda: None  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        harness._warmup_databricks_sdk = warmup  # type: ignore[attr-defined]
+
+
 def mlflow_scorers() -> list[Any]:
     """One MLflow code scorer per scorer family; each scores the items of its family only (the
     others get None, which MLflow leaves out of the family's mean)."""
@@ -185,6 +202,7 @@ def _score_with_mlflow(
     with (
         store.activated(),
         _one_worker(),
+        _no_databricks_warmup(store.tracking_uri),
         mlflow.start_run(run_id=model_ref.run_id),
         contextlib.redirect_stdout(sys.stderr),  # its progress bar and banner are not our output
     ):
@@ -219,6 +237,27 @@ def _score_with_mlflow(
             )
         )
     return results
+
+
+def log_on_run(
+    store: ModelStore,
+    model_ref: LoggedModelRef,
+    metrics: Mapping[str, float],
+    run_tags: Mapping[str, str],
+) -> None:
+    """Metrics (linked to the logged model) and tags on the model's run, in one write: a SQLite
+    store commits each call on its own."""
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    store.client().log_batch(
+        model_ref.run_id,
+        metrics=[
+            Metric(key, float(value), now, 0, model_id=model_ref.model_id)
+            for key, value in metrics.items()
+        ],
+        tags=[RunTag(key, value) for key, value in run_tags.items()],
+    )
 
 
 @task(cache_policy=EVALUATION_CACHE_POLICY, persist_result=True)
@@ -267,9 +306,9 @@ def evaluate_model(
     }
     if peak_rss_mb is not None:
         metrics["eval.peak_rss_mb"] = peak_rss_mb
-    for key, value in metrics.items():
-        client.log_metric(model_ref.run_id, key, float(value), model_id=model_ref.model_id)
-    client.set_tag(model_ref.run_id, tags.EVALUATION_SET, f"{eval_set.name}@{eval_set.digest[:12]}")
+    log_on_run(
+        store, model_ref, metrics, {tags.EVALUATION_SET: f"{eval_set.name}@{eval_set.digest[:12]}"}
+    )
     _log().info(
         "%s on %s: %d/%d items (score %.3f), p95 %.3f s, predicted in %.1f s, scored in %.1f s",
         model_ref.model_uri, eval_set.name, evaluation.passed, evaluation.items, evaluation.score,
@@ -366,12 +405,10 @@ def record_gate_decision(
         version_tags[tags.GATE_OVERRIDE] = override_reason[: tags.MAX_VALUE_CHARS]
     for key, value in version_tags.items():
         client.set_model_version_tag(version.name, str(version.version), key, value)
-    client.set_tag(model_ref.run_id, tags.GATE, decision.verdict)
+    run_tags = {tags.GATE: decision.verdict, tags.GATE_SUMMARY: version_tags[tags.GATE_SUMMARY]}
     if decision.forced:
-        client.set_tag(
-            model_ref.run_id, tags.GATE_OVERRIDE, override_reason[: tags.MAX_VALUE_CHARS]
-        )
-    client.set_tag(model_ref.run_id, tags.GATE_SUMMARY, decision.summary()[: tags.MAX_VALUE_CHARS])
+        run_tags[tags.GATE_OVERRIDE] = version_tags[tags.GATE_OVERRIDE]
+    metrics = {}
     for check in decision.checks:
         numbers = {
             "value": check.value,
@@ -381,12 +418,8 @@ def record_gate_decision(
         }
         for part, number in numbers.items():
             if number is not None:
-                client.log_metric(
-                    model_ref.run_id,
-                    f"gate.{check.metric}.{part}",
-                    float(number),
-                    model_id=model_ref.model_id,
-                )
+                metrics[f"gate.{check.metric}.{part}"] = number
+    log_on_run(store, model_ref, metrics, run_tags)
 
 
 @task

@@ -49,6 +49,36 @@ class RegistryConflictError(ExplainedError):
     """A registered model holds releases of another source repo than the one being registered."""
 
 
+class PrunedVersionError(ExplainedError):
+    """The version's stored files were deleted by retention (the prune flow): it cannot be
+    served again, so it is no rollback or promotion target."""
+
+
+def refuse_pruned(client: MlflowClient, name: str, version: int, action: str) -> None:
+    """Raise PrunedVersionError if `name` v`version` was pruned, naming the versions that
+    still have their files."""
+    try:
+        found = client.get_model_version(name, str(version))
+    except MlflowException:
+        return  # not registered: the planner says so in its own words
+    record = (found.tags or {}).get(tags.PRUNED)
+    if record is None:
+        return
+    when = json.loads(record)
+    others = [
+        f"v{v.version} ({v.current_stage})"
+        for v in sorted(
+            client.search_model_versions(f"name='{name}'"), key=lambda v: -int(v.version)
+        )
+        if tags.PRUNED not in (v.tags or {}) and int(v.version) != version
+    ]
+    raise PrunedVersionError(
+        f"cannot {action} {name} v{version}: it was pruned on {when.get('at', '?')} "
+        f"({when.get('reason', 'retention')}), its model files are deleted and it can no longer "
+        f"be served. Versions that still have their files: {', '.join(others) or 'none'}"
+    )
+
+
 def default_locks(store: ModelStore) -> Path | None:
     """`locks/` beside a SQLite store's database, which every process using the store can see
     (the release flow's `<home>/locks`); None for other stores."""
@@ -89,19 +119,35 @@ def _apply(client: MlflowClient, name: str, move: RegistryMove, reason: str) -> 
             client.set_registered_model_alias(name, move.alias, str(move.version))
         else:
             client.delete_registered_model_alias(name, move.alias)
-    entry = AuditEntry(
+    return record_audit(client, name, move.version, move.describe(), reason)
+
+
+def audit_entry(name: str, version: int | None, move: str, reason: str) -> AuditEntry:
+    """An audit entry for `move`, made now by this user in this flow run."""
+    return AuditEntry(
         name=name,
-        version=move.version,
-        move=move.describe(),
+        version=version,
+        move=move,
         reason=reason,
         by=getpass.getuser(),
         at=datetime.now(UTC).isoformat(timespec="milliseconds"),
         flow_run=_flow_run_name(),
     )
-    if move.version is not None:
+
+
+def record_audit(
+    client: MlflowClient, name: str, version: int | None, move: str, reason: str
+) -> AuditEntry:
+    """Record one registry change as an audit tag on the version it changed (`audit_trail`)."""
+    return save_audit(client, audit_entry(name, version, move, reason))
+
+
+def save_audit(client: MlflowClient, entry: AuditEntry) -> AuditEntry:
+    """Store `entry` as an audit tag on its version (none for an entry without a version)."""
+    if entry.version is not None:
         stamp = entry.at.replace(":", "").replace("+", "Z")
         key = f"{AUDIT_TAG_PREFIX}{stamp}.{uuid.uuid4().hex[:8]}"  # unique within a millisecond
-        client.set_model_version_tag(name, str(move.version), key, entry.model_dump_json())
+        client.set_model_version_tag(entry.name, str(entry.version), key, entry.model_dump_json())
     return entry
 
 
@@ -224,6 +270,7 @@ def promote_version(
 
     `locks`: the per-model registry lock (a folder: file locks there)."""
     client = store.client()
+    refuse_pruned(client, ref.name, ref.version, "promote")
     version = client.get_model_version(ref.name, str(ref.version))
     if (version.tags or {}).get(tags.VALIDATION_PASSED) != "true":
         raise ValueError(
@@ -249,6 +296,7 @@ def rollback_version(
     `locks`: the per-model registry lock (a folder: file locks there)."""
     client = store.client()
     with hold_lock(locks, ref.name):
+        refuse_pruned(client, ref.name, ref.version, "roll back to")
         current = read_state(client, ref.name)
         previous = current.production_version()
         audit = reach_state(client, ref.name, rollback_state(current, ref.version), reason)

@@ -182,11 +182,12 @@ def final_state_of(flow_run_id: str) -> str | None:
 ZOMBIE_AUTOMATION = "slmops: crash flow runs that stopped heartbeating"
 
 
-def ensure_zombie_automation(within_s: int = 90) -> str:
+def ensure_zombie_automation(within_s: int = 120) -> str:
     """Create (once) the Prefect automation that sets a flow run Crashed when its heartbeats
     stop for `within_s`: how a run on a host that died becomes final for the other hosts.
-    Flow runs send heartbeats when `PREFECT_FLOWS_HEARTBEAT_FREQUENCY` is set (the scale-out
-    job templates set it). Returns the automation's id."""
+    Flow runs send heartbeats every `PREFECT_FLOWS_HEARTBEAT_FREQUENCY` seconds (Prefect's
+    default 180, at least 30; the scale-out job templates set 30): `within_s` must exceed it.
+    Returns the automation's id."""
     from datetime import timedelta
 
     from prefect.client.orchestration import get_client

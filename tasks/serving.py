@@ -122,8 +122,12 @@ def launch_server(
     store: ModelStore,
     startup_timeout_s: float,
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    alias: str = "",
 ) -> ServerHandle:
-    """Start `mlflow models serve` and wait until `/ping` answers; kill it if it never does."""
+    """Start `mlflow models serve` and wait until `/ping` answers; kill it if it never does.
+
+    `alias` is the registry alias `model_uri` was resolved from (recorded, e.g. for metrics).
+    """
     servers_dir.mkdir(parents=True, exist_ok=True)
     log_path = servers_dir / f"{name}-{port}.log"
     # The ONNX chat model streams its engine's tokens on a second port of the same process
@@ -157,6 +161,7 @@ def launch_server(
         name=name,
         kind=kind,
         model_uri=model_uri,
+        alias=alias,
         request_timeout_s=request_timeout_s,
         stream_port=stream_port,
         host=host,
@@ -290,6 +295,13 @@ def serving_lock(servers_dir: Path, name: str) -> Iterator[None]:
     servers_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(servers_dir / f"{name}.lock"):
         yield
+
+
+def alias_of(model_uri: str) -> str:
+    """The alias of `models:/name@alias` ("champion"); "" for any other URI."""
+    if not model_uri.startswith("models:/") or "@" not in model_uri:
+        return ""
+    return model_uri.rsplit("@", 1)[1]
 
 
 def resolve_alias(model_uri: str, store: ModelStore) -> str:
@@ -491,12 +503,16 @@ def serve_model(spec: ModelServerSpec, servers_dir: Path, store: ModelStore) -> 
     with serving_lock(servers_dir, name):
         # An alias (`models:/name@champion`) is resolved only now, so the run that serves last
         # serves the alias's version as of then, whichever run moved the alias last.
-        model_uri = resolve_alias(spec.model_uri, store)
+        model_uri, alias = resolve_alias(spec.model_uri, store), alias_of(spec.model_uri)
         current = status_of(servers_dir, name)
         if current.state == "serving" and current.handle and current.handle.model_uri == model_uri:
             answer = check_server(current.handle, smoke_question)
             logger.info("%s already serves %s on %s", name, model_uri, current.handle.url)
-            return ServeResult(handle=current.handle, answer=answer, reused=True)
+            reused = current.handle
+            if reused.alias != alias:  # the same version, now served as another alias
+                reused = reused.model_copy(update={"alias": alias})
+                write_handle(servers_dir, reused)
+            return ServeResult(handle=reused, answer=answer, reused=True)
         plan = plan_server_switch(servers_dir, name, model_uri, store, spec.memory_budget_gb)
         if plan.order == "refuse":
             raise ServingError(f"{name}: {plan.describe()}")
@@ -510,7 +526,7 @@ def serve_model(spec: ModelServerSpec, servers_dir: Path, store: ModelStore) -> 
         try:
             handle = launch_server(
                 model_uri, name, kind, host, port, servers_dir, store, startup_timeout_s,
-                spec.request_timeout_s,
+                spec.request_timeout_s, alias,
             )  # fmt: skip
             try:
                 answer = check_server(handle, smoke_question)
@@ -542,7 +558,7 @@ def _restart_replaced(
     try:
         restarted = launch_server(
             old.model_uri, old.name, old.model_kind, old.host, old.port, servers_dir,
-            store, startup_timeout_s, old.request_timeout_s,
+            store, startup_timeout_s, old.request_timeout_s, old.alias,
         )  # fmt: skip
     except ServingError:
         get_run_logger().exception("%s: could not restart %s", old.name, old.model_uri)

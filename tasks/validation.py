@@ -9,14 +9,17 @@ latency and throughput as metrics linked to the LoggedModel.
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import statistics
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
@@ -83,6 +86,64 @@ def local_model_dir(store: ModelStore, model_ref: LoggedModelRef) -> Path:
     return Path(
         mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=store.tracking_uri)
     )
+
+
+# The release validates, registers and evaluates one wrapper before the next, and the
+# evaluation asks the model validation just loaded, some of the same questions (the tiny
+# model's known answers are its evaluation set). So the model is kept, one at a time (a second
+# Phi-3-sized copy in the flow process would not fit beside the servers), with what it answered.
+class _KeptModel:
+    def __init__(self, folder: Path) -> None:
+        import mlflow
+
+        self.folder = folder
+        self.model = mlflow.pyfunc.load_model(str(folder))
+        self.answers: dict[str, tuple[Any, float]] = {}
+
+
+_KEPT: list[_KeptModel] = []
+# Two threads asking two models each get their own (the second load then drops the first).
+_KEEPING = threading.Lock()
+
+
+def _kept(folder: Path) -> _KeptModel:
+    with _KEEPING:
+        if not _KEPT or _KEPT[0].folder != folder:
+            _KEPT.clear()
+            gc.collect()
+            _KEPT.append(_KeptModel(folder))
+        return _KEPT[0]
+
+
+def is_loaded(folder: Path) -> bool:
+    """Whether the model in `folder` is the one kept (loaded, and asked before)."""
+    return bool(_KEPT) and _KEPT[0].folder == folder
+
+
+def load_model(folder: Path) -> Any:
+    """The pyfunc model in `folder`, loaded once for validation and the evaluation after it;
+    loading another drops it (`unload_model` drops it now)."""
+    return _kept(folder).model
+
+
+def ask_model(folder: Path, request: dict[str, Any]) -> tuple[Any, float]:
+    """The model's answer to one request and its latency (s). A request asked before is answered
+    with what the model said then: generation is greedy (and a sampled answer is as much the
+    model's), and the latency is the one measured then. A failed request raises."""
+    kept = _kept(folder)
+    key = json.dumps(request, sort_keys=True, default=str)
+    if key not in kept.answers:
+        started = time.perf_counter()
+        output = kept.model.predict(request)
+        kept.answers[key] = (output, time.perf_counter() - started)
+    return kept.answers[key]
+
+
+def unload_model() -> None:
+    """Drop the kept model and its answers, so that its memory can go back."""
+    with _KEEPING:
+        _KEPT.clear()
+    gc.collect()
 
 
 @task
@@ -172,7 +233,7 @@ def validate_outputs(
     model_ref: LoggedModelRef,
     kind: WrapperKind | None = None,
     generation: GenerationSpec | None = None,
-    known_answers: bool = True,
+    known_answers: Sequence[SamplePrompt] = (),
     prompts: Sequence[SamplePrompt] | None = None,
 ) -> OutputReport:
     """Predict the fixed sample prompts and check them with the great-expectations suite.
@@ -183,28 +244,29 @@ def validate_outputs(
         kind: the wrapper kind to validate as (default: the ref's kind).
         generation: the options the model was logged with; default: read from the model
             (its token budget bounds the completion-length checks).
-        known_answers: require the tiny model's trained answers (off for a real model).
-        prompts: override the sample prompts.
+        known_answers: prompts whose expected answers must come out, asked after the family's
+            validation prompts (`expectations.known_answer_prompts`; none for a real model).
+        prompts: override all sample prompts.
     """
-    import mlflow
-
     kind = kind or model_ref.kind
     folder = local_model_dir(store, model_ref)
     max_tokens = generation.max_new_tokens if generation else _logged_max_new_tokens(folder)
     samples = tuple(prompts) if prompts is not None else sample_prompts(known_answers)
-    model = mlflow.pyfunc.load_model(str(folder))
+    check_known_answers = any(sample.expected is not None for sample in samples)
     rows, latencies, errors = [], [], []
     for sample in samples:
         started = time.perf_counter()
         try:
-            output = model.predict(model_input(kind, sample))
+            output, latency = ask_model(folder, model_input(kind, sample))
         except Exception as error:  # a sample the model cannot answer is a finding, not a crash
-            output = None
+            output, latency = None, time.perf_counter() - started
             errors.append(f"{sample.question!r}: {type(error).__name__}: {error}"[:500])
-        latencies.append(time.perf_counter() - started)
+        latencies.append(latency)
         rows.append(sample_row(kind, sample, output, max_tokens))
     frame = sample_frame(rows)
-    spec = OutputSuiteSpec(kind=kind, max_tokens=max_tokens, check_known_answers=known_answers)
+    spec = OutputSuiteSpec(
+        kind=kind, max_tokens=max_tokens, check_known_answers=check_known_answers
+    )
     outcome = run_output_suite(frame, spec)
 
     tokens_per_s = None
@@ -248,13 +310,15 @@ def validate_outputs(
     )
 
 
-def _transformers_greedy(snapshot_dir: Path, prompts: Sequence[str], max_new_tokens: int):
+def _transformers_greedy(
+    snapshot_dir: Path, prompts: Sequence[str], max_new_tokens: int, dtype: str = "float32"
+):
     import torch
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(snapshot_dir, add_bos_token=False)
     model: Any = transformers.AutoModelForCausalLM.from_pretrained(
-        snapshot_dir, dtype=torch.float32
+        snapshot_dir, dtype=torch.float32 if dtype == "float32" else "auto"
     )
     model.eval()
     results = []
@@ -291,30 +355,34 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 @task(cache_policy=PARITY_CACHE_POLICY, persist_result=True)
 def compare_runtimes(
     snapshot_dir: Path,
-    onnx_fp32_dir: Path,
+    onnx_dir: Path,
     prompts: Sequence[str] | None = None,
     max_new_tokens: int = 32,
     min_agreement: float = 0.95,
     store: ModelStore | None = None,
     run_id: str | None = None,
+    onnx_precision: Literal["fp32", "int4"] = "fp32",
 ) -> ParityReport:
-    """Greedy transformers against greedy onnxruntime-genai fp32, token by token.
+    """Greedy transformers against greedy onnxruntime-genai, token by token.
 
     A prompt agrees up to the first differing token (after a divergence the two continue from
     different text, so later positions say nothing). Agreement is agreeing / compared tokens.
 
     Args:
         snapshot_dir: the Hugging Face snapshot.
-        onnx_fp32_dir: its fp32 onnxruntime-genai export.
+        onnx_dir: its onnxruntime-genai model: an fp32 export, or the int4 release.
         prompts: raw prompts (default: the sample prompts in the Phi-3 chat template).
         max_new_tokens: tokens generated per prompt.
         min_agreement: the agreement needed to pass.
         store: with `run_id`, where to log the agreement metrics.
         run_id: the run to log them on.
+        onnx_precision: `fp32`: transformers runs in fp32 (an exact comparison); `int4`: in
+            the checkpoint's own dtype (bf16 for Phi-3: no fp32 copy of a big model in memory).
     """
     prompts = list(prompts) if prompts is not None else [s.prompt() for s in sample_prompts()]
-    torch_results = _transformers_greedy(snapshot_dir, prompts, max_new_tokens)
-    onnx_results = _onnx_greedy(onnx_fp32_dir, prompts, max_new_tokens)
+    dtype = "float32" if onnx_precision == "fp32" else "auto"
+    torch_results = _transformers_greedy(snapshot_dir, prompts, max_new_tokens, dtype)
+    onnx_results = _onnx_greedy(onnx_dir, prompts, max_new_tokens)
     compared = agreeing = 0
     mismatches = []
     tokenizer_mismatches = 0
@@ -345,16 +413,19 @@ def compare_runtimes(
         min_agreement=min_agreement,
         tokenizer_mismatches=tokenizer_mismatches,
         mismatches=tuple(mismatches),
+        onnx_precision=onnx_precision,
+        reference_dtype=dtype,
     )
     _logger().info(
-        "runtime parity: %d/%d tokens agree (%.3f) over %d prompts",
-        agreeing, compared, agreement, len(prompts),
+        "runtime parity (onnx %s vs transformers %s): %d/%d tokens agree (%.3f) over %d prompts",
+        onnx_precision, dtype, agreeing, compared, agreement, len(prompts),
     )  # fmt: skip
     if store is not None and run_id:
         client = store.client()
         client.log_metric(run_id, "parity.agreement", agreement)
         client.log_metric(run_id, "parity.compared_tokens", compared)
         client.set_tag(run_id, tags.PARITY, "passed" if report.passed else "failed")
+        client.set_tag(run_id, tags.PARITY_COMPARED, f"onnx {onnx_precision} vs {dtype}")
     return report
 
 
@@ -363,7 +434,7 @@ def validate_model(
     store: ModelStore,
     model_ref: LoggedModelRef,
     generation: GenerationSpec | None = None,
-    known_answers: bool = True,
+    known_answers: tuple[SamplePrompt, ...] = (),
     parity: ParityReport | None = None,
 ) -> ValidationReport:
     """All checks for one logged model; tags its run `slmops.validation=passed|failed`.
@@ -372,7 +443,7 @@ def validate_model(
         store: the MLflow store holding the model.
         model_ref: the logged model.
         generation: the options the model was logged with (default: read from the model).
-        known_answers: require the tiny model's trained answers (off for a real model).
+        known_answers: prompts whose expected answers must come out (none for a real model).
         parity: the runtime comparison, for ONNX models, if one was run.
     """
     report = ValidationReport(

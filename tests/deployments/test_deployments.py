@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from slmops.config import ReleaseConfig, RollbackConfig, ServeFlowConfig
+from slmops.config import PruneConfig, ReleaseConfig, RollbackConfig, ServeFlowConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT_YAML = yaml.safe_load((ROOT / "prefect.yaml").read_text())
@@ -22,6 +22,7 @@ PARAMETER_MODELS = {
     "flows/release.py:release": ReleaseConfig,
     "flows/rollback.py:rollback": RollbackConfig,
     "flows/serve.py:serve": ServeFlowConfig,
+    "flows/prune.py:prune": PruneConfig,
 }
 
 

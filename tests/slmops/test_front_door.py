@@ -82,8 +82,8 @@ def write_state(
     """A state file exactly as `tasks.serving` writes it."""
     servers_dir.mkdir(parents=True, exist_ok=True)
     handle = ServerHandle(
-        name=name, kind=kind, model_uri=f"models:/{name}/1", host="127.0.0.1", port=port,
-        pid=1, process_started=0.0, log_path=servers_dir / f"{name}.log",
+        name=name, kind=kind, model_uri=f"models:/{name}/1", alias="champion", host="127.0.0.1",
+        port=port, pid=1, process_started=0.0, log_path=servers_dir / f"{name}.log",
         started_at="2026-01-01T00:00:00+00:00", stream_port=stream_port,
     )  # fmt: skip
     write_handle(servers_dir, handle)
@@ -390,7 +390,8 @@ def test_metrics_parse_and_move(tmp_path):
         for s in families["slmops_requests"].samples
         if s.name == "slmops_requests_total"
     }
-    assert requests == {(CHAT_ONNX, "1", CHAT_ONNX): 1.0, (CHAT_ONNX, "1", "chat-onnx"): 1.0}
+    # Labelled by what answered (the state file's model, version and alias), however asked.
+    assert requests == {(CHAT_ONNX, "1", "champion"): 2.0}
     assert before == {} and _samples(fake.http, "slmops_generated_tokens_total") == {
         "slmops_generated_tokens_total": 16.0
     }
@@ -398,9 +399,42 @@ def test_metrics_parse_and_move(tmp_path):
     assert ttft == {"slmops_time_to_first_token_seconds_count": 2.0}
     gaps = _samples(fake.http, "slmops_inter_token_latency_seconds_count")
     assert gaps == {"slmops_inter_token_latency_seconds_count": 6.0}  # 3 gaps per answer
-    assert _samples(fake.http, "slmops_request_errors_total") == {
-        "slmops_request_errors_total": 1.0
-    }
+    errors = [
+        (s.labels["model"], s.labels["version"], s.labels["alias"], s.labels["code"])
+        for s in families["slmops_request_errors"].samples
+        if s.name == "slmops_request_errors_total"
+    ]
+    assert errors == [("", "", "", "404")]  # a made-up model name is no label value
+
+
+@pytest.mark.unit
+def test_min_tokens_and_ignore_eos_reach_only_a_token_stream(tmp_path):
+    fake = _streaming_fake(tmp_path)
+    chat = fake.client.chat.completions
+    messages = [{"role": "user", "content": SPAIN}]
+    fixed = {"min_tokens": 5, "ignore_eos": True}
+    list(chat.create(model=CHAT_ONNX, messages=messages, max_tokens=8, stream=True,
+                     extra_body=fixed))  # fmt: skip
+    chat.create(model=CHAT_ONNX, messages=messages, extra_body={"min_tokens": 0})
+    sent = [body for port, body in fake.upstream.requests]
+    assert [port for port, _ in fake.upstream.requests] == [6002, 6002]
+    assert sent[0]["min_tokens"] == 5 and sent[0]["ignore_eos"] is True
+    assert "min_tokens" not in sent[1] and "ignore_eos" not in sent[1]  # 0: the default
+    # `/invocations` drops what its signature lacks: refused rather than silently ignored.
+    with pytest.raises(openai.BadRequestError, match="token stream") as err:
+        chat.create(model=CHAT_TRANSFORMERS, messages=messages, extra_body=fixed)
+    assert err.value.code == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        chat.create(model=CHAT_ONNX, messages=messages, n=2, extra_body={"ignore_eos": True})
+    for bad, match in (
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": "many"}, "min_tokens"),
+        ({"min_tokens": 9, "max_tokens": 8}, "more than max_tokens"),
+        ({"ignore_eos": "maybe"}, "ignore_eos"),
+    ):
+        with pytest.raises(openai.BadRequestError, match=match):
+            chat.create(model=CHAT_ONNX, messages=messages, extra_body=bad)
+    assert len(fake.upstream.requests) == 2  # none of the refused reached a model
 
 
 @pytest.mark.unit
@@ -652,16 +686,12 @@ def test_sixteen_concurrent_greedy_requests_equal_sequential_ones(served):
     assert concurrent == sequential
 
 
-@pytest.fixture()
-def strict_door(served, tmp_path):
-    """A second front door over the same servers: one request per model at a time, no queue."""
+@contextlib.contextmanager
+def _second_door(served, log_path: Path, **settings: str):
+    """Another front door process over the same servers, with `SLMOPS_FRONT_DOOR_*` settings."""
     port = _free_port()
-    env = {
-        **os.environ,
-        "SLMOPS_FRONT_DOOR_MAX_CONCURRENCY": "1",
-        "SLMOPS_FRONT_DOOR_MAX_QUEUE": "0",
-    }
-    with open(tmp_path / "door.log", "wb") as log:
+    env = {**os.environ, **{f"SLMOPS_FRONT_DOOR_{k.upper()}": v for k, v in settings.items()}}
+    with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "slmops.front_door", "--servers-dir", str(served.servers),
              "--port", str(port)],
@@ -675,11 +705,26 @@ def strict_door(served, tmp_path):
                     break
             time.sleep(0.1)
         else:
-            raise AssertionError((tmp_path / "door.log").read_text())
+            raise AssertionError(log_path.read_text())
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+@pytest.fixture()
+def strict_door(served, tmp_path):
+    """A second front door over the same servers: one request per model at a time, no queue."""
+    with _second_door(served, tmp_path / "door.log", max_concurrency="1", max_queue="0") as url:
+        yield url
+
+
+@pytest.fixture()
+def hurried_door(served, tmp_path):
+    """A second front door whose requests have 0.4 s each: a fixed 2000-token generation of
+    the tiny model takes about 1.2 s on an idle core here."""
+    with _second_door(served, tmp_path / "door.log", deadline_s="0.4") as url:
+        yield url
 
 
 def _free_port() -> int:
@@ -715,23 +760,106 @@ def test_an_overload_gets_429s_while_the_model_keeps_answering(served, strict_do
     assert after.status_code == 200 and "Madrid" in after.text
 
 
+# A generation that cannot end early: end tokens masked up to the tiny model's token budget
+# (2048, prompt included), about a second of work, against milliseconds for the trained answer.
+LONG = {"max_tokens": 2000, "ignore_eos": True}
+
+
+def _engine_health(served) -> dict:
+    """The ONNX chat model server's own view: its engine's turns in flight and finished."""
+    stream_url = served.handle(WrapperKind.CHAT_ONNX).stream_url
+    return httpx.get(stream_url.replace("/stream", "/health"), timeout=5).json()
+
+
+def _engine_idle(served) -> dict:
+    for _ in range(600):
+        health = _engine_health(served)
+        if health["in_flight"] == 0:
+            return health
+        time.sleep(0.05)
+    raise AssertionError(f"the engine is still generating: {health}")
+
+
+def _cancelled(health: dict) -> int:
+    return int(health["finished"].get("cancelled", 0))
+
+
+@pytest.mark.e2e
+def test_the_first_chunk_arrives_long_before_the_completion_ends(served):
+    model = served.names[WrapperKind.CHAT_ONNX]
+    handle = served.handle(WrapperKind.CHAT_ONNX)
+    labels = {"model": model, "version": handle.version, "alias": "champion"}
+    before = _labelled(served.door.url, "slmops_requests_total", labels)
+    started = time.monotonic()
+    stamps, last, generating = [], None, None
+    for chunk in served.client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": SPAIN}], stream=True,
+        stream_options={"include_usage": True}, max_tokens=2000, extra_body={"ignore_eos": True},
+    ):  # fmt: skip
+        if chunk.choices and chunk.choices[0].delta.content:
+            stamps.append(time.monotonic() - started)
+            if generating is None:  # the model's own view when the first content arrives
+                generating = _engine_health(served)["in_flight"]
+        last = chunk
+    assert last is not None and last.usage.completion_tokens == 2000
+    assert generating == 1  # the first chunk came while the model was still generating
+    # A whole answer sent as chunks would arrive at once; these spread over the generation.
+    assert len(stamps) > 100 and stamps[-1] - stamps[0] > stamps[-1] / 5, (stamps[0], stamps[-1])
+    # Counted under what answered: the registered model, its served version, its alias.
+    assert handle.version and handle.alias == "champion"
+    assert _labelled(served.door.url, "slmops_requests_total", labels) == before + 1
+
+
+def _labelled(url: str, name: str, labels: dict[str, str]) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+@pytest.mark.e2e
+def test_a_request_past_its_deadline_is_a_504_and_is_cancelled(served, hurried_door):
+    body = {"model": served.names[WrapperKind.CHAT_ONNX], **LONG,
+            "messages": [{"role": "user", "content": SPAIN}]}  # fmt: skip
+    before = _cancelled(_engine_idle(served))
+    late = httpx.post(f"{hurried_door}/v1/chat/completions", json=body, timeout=60)
+    assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded"
+    after = _engine_idle(served)
+    assert _cancelled(after) == before + 1  # stopped, not run to its 2000 tokens
+
+    # Streamed, the answer has begun (200) when the deadline passes: an error event ends it.
+    with httpx.stream(
+        "POST", f"{hurried_door}/v1/chat/completions", json={**body, "stream": True}, timeout=60
+    ) as streamed:
+        assert streamed.status_code == 200
+        events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert "deadline_exceeded" in events[-1] and "[DONE]" not in events[-1]
+    assert _cancelled(_engine_idle(served)) == before + 2
+
+
 @pytest.mark.e2e
 def test_a_client_that_disconnects_frees_its_slot(served, strict_door):
-    body = {"model": served.names[WrapperKind.CHAT_ONNX], "max_tokens": 24, "stream": True,
+    body = {"model": served.names[WrapperKind.CHAT_ONNX], **LONG, "stream": True,
             "messages": [{"role": "user", "content": SPAIN}]}  # fmt: skip
+    before = _cancelled(_engine_idle(served))
     with httpx.stream("POST", f"{strict_door}/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
         assert next(r.iter_lines()).startswith("data: ")
-    # Gone mid-stream: the slot comes back, and the only slot answers the next request.
+    # Gone mid-stream: the generation is cancelled, the slot comes back, and the only slot
+    # (no queue) admits the next request.
+    health = _engine_idle(served)
+    assert _cancelled(health) == before + 1
     for _ in range(600):
         if _in_flight(strict_door) == 0:
             break
         time.sleep(0.05)
-    assert _in_flight(strict_door) == 0
     answer = httpx.post(
-        f"{strict_door}/v1/chat/completions", json={**body, "stream": False}, timeout=60
+        f"{strict_door}/v1/chat/completions",
+        json={**body, "stream": False, "max_tokens": 24, "ignore_eos": False},
+        timeout=60,
     )
-    assert answer.status_code == 200
-    stream_url = served.handle(WrapperKind.CHAT_ONNX).stream_url
-    health = httpx.get(stream_url.replace("/stream", "/health"), timeout=5).json()
-    assert health["in_flight"] == 0  # nothing left generating in the model server
+    assert answer.status_code == 200 and "Madrid" in answer.text
+    assert _engine_health(served)["in_flight"] == 0  # nothing left generating in the model

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import pytest
 
+from offline_kit.tiny_model import TRAINED_ANSWERS
 from slmops.config import GateSpec, ReleaseConfig, WrapperKind
 from slmops.eval_sets import EvalSetError, builtin_eval_sets, load_eval_set, parse_eval_set
-from slmops.families import PHI3
 from slmops.gate import (
     Evaluation,
     ItemResult,
@@ -49,7 +51,7 @@ def test_shipped_sets_load_and_the_phi3_set_covers_every_check():
 def test_the_tiny_set_is_what_the_tiny_model_was_trained_on():
     tiny = load_eval_set("tiny-phi3")
     asked = [(i.question, i.check) for i in tiny.items]
-    assert asked == [(p.question, ExactCheck(answer=p.answer)) for p in PHI3.validation_prompts]
+    assert asked == [(q, ExactCheck(answer=a)) for q, a in TRAINED_ANSWERS.items()]
 
 
 def _line(**overrides):
@@ -130,6 +132,129 @@ def test_a_changed_set_has_another_digest():
 def test_scorers(check, answer, passed):
     verdict = score(check, answer)
     assert verdict.passed is passed, verdict.rationale
+
+
+# The Phi-3 set (its gate floor is 0.7): every item is scorable by code, its reference answer
+# passes, and a plausible wrong answer (a near miss, a restated question, a format slip) fails.
+# Wrong because the fact, number or format is off: what a weak or broken build answers.
+PHI3_WRONG_ANSWERS = {
+    "capital-france": "The capital of France is Lyon.",
+    "capital-japan": "The capital of Japan is Kyoto.",
+    "capital-australia": "The capital of Australia is Sydney.",
+    "capital-canada": "The capital of Canada is Toronto.",
+    "capital-kenya": "The capital of Kenya is Mombasa.",
+    "largest-planet": "Saturn is the largest planet in our solar system.",
+    "red-planet": "Venus is known as the Red Planet.",
+    "water-formula": "The chemical formula of water is CO2.",
+    "gold-symbol": "The chemical symbol for gold is Ag, because of its Latin name.",
+    "romeo-author": "Christopher Marlowe wrote Romeo and Juliet.",
+    "relativity": "Isaac Newton developed the theory of general relativity.",
+    "longest-river-africa": "The Congo is the longest river in Africa.",
+    "largest-ocean": "The Atlantic Ocean is the largest ocean on Earth.",
+    "freezing-point": "Water freezes at 32",
+    "speed-light-unit": "Metres.",
+    "mona-lisa": "Michelangelo painted the Mona Lisa.",
+    "dna-shape": "The DNA molecule is usually called a single strand.",
+    "photosynthesis-gas": "Plants take in oxygen for photosynthesis.",
+    "python-creator": "Dennis Ritchie created Python.",
+    "http-port": "HTTPS uses port 80 by default.",
+    "opposite-hot": "The opposite of hot is cold.",
+    "color-grass": "Grass is green.",
+    "yes-no-sun-star": "no",
+    "yes-no-fish-mammal": "yes",
+    "plural-mouse": "mouses",
+    "add-small": "17 + 25 = 43",
+    "add-large": "1234 + 4321 = 5565",
+    "sub": "100 - 37 = 73",
+    "sub-negative": "15 - 40 = 25",
+    "mul-small": "12 times 7 is 74",
+    "mul-large": "25 multiplied by 16 is 375",
+    "div": "144 divided by 12 is 14",
+    "square": "9 squared is 18",
+    "sqrt": "The square root of 169 is 14",
+    "percent": "20 percent of 150 is 20",
+    "half": "Half of 86 is 42",
+    "minutes-hours": "3 hours have 3 * 60 minutes",
+    "days-weeks": "5 weeks have 5 * 7",
+    "word-problem-apples": "8 + 5 = 13",
+    "word-problem-price": "4 + 12 = 16",
+    "words-five-ocean": "The ocean is vast, deep and blue.",
+    "words-three-coffee": "Coffee is hot and bitter.",
+    "words-under-ten": "A compiler translates the source code that programmers write into machine code.",
+    "words-one-sentence-sky": "The sky is blue because molecules in the air scatter the short blue wavelengths of sunlight more than the longer red ones.",
+    "words-two-greeting": "Hello!",
+    "list-three-fruits": "- Apple\n- Banana",
+    "list-four-colors": "Red, green, blue and yellow.",
+    "list-five-animals": "- Cat\n- Dog\n- Horse\n- Cow\n- Sheep\n- Goat",
+    "list-two-languages": "Python and Rust.",
+    "list-three-planets": "1. Mercury\n2. Venus",
+    "json-person": '{"name": "Ada"}',
+    "json-city": "city: Paris, country: France",
+    "json-book": '["Dune", "Frank Herbert", 1965]',
+    "json-point": '{"x": 3, "y": 4, "z": 0}',
+    "json-status": '{"ok": true, "error": null}',
+    "stop-count-ten": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10",
+    "stop-alphabet": "A B C D E F G H I J",
+    "stop-weekdays": "Monday, Tuesday, Wednesday, Thursday, Friday",
+    "stop-even": "2, 4, 6, 8, 10, 12",
+    "stop-months": "January, February, March, April, May, June",
+}
+
+# Arithmetic questions of the set, and what they compute: the set's numbers are checked too.
+_ARITHMETIC = {
+    r"What is (\d+) \+ (\d+)\?": lambda a, b: a + b,
+    r"What is (\d+) - (\d+)\?": lambda a, b: a - b,
+    r"What is (\d+) (?:times|multiplied by) (\d+)\?": lambda a, b: a * b,
+    r"What is (\d+) divided by (\d+)\?": lambda a, b: a / b,
+    r"What is (\d+) percent of (\d+)\?": lambda a, b: a * b / 100,
+    r"What is (\d+) squared\?": lambda a: a * a,
+    r"What is the square root of (\d+)\?": lambda a: math.sqrt(a),
+    r"What is half of (\d+)\?": lambda a: a / 2,
+}
+
+
+def test_every_phi3_item_accepts_its_reference_and_rejects_a_plausible_wrong_answer():
+    phi3 = load_eval_set("phi3")
+    assert set(PHI3_WRONG_ANSWERS) == {item.id for item in phi3.items}
+    for item in phi3.items:
+        assert item.check.kind in SCORER_OF, item.id  # a code scorer, no model as judge
+        assert item.reference is not None, f"{item.id}: no reference answer"
+        right, wrong = (
+            score(item.check, item.reference),
+            score(item.check, PHI3_WRONG_ANSWERS[item.id]),
+        )
+        assert right.passed, f"{item.id}: reference {item.reference!r} fails: {right.rationale}"
+        assert not wrong.passed, f"{item.id}: {PHI3_WRONG_ANSWERS[item.id]!r} passes"
+
+
+def test_the_phi3_sets_arithmetic_is_right():
+    computed = 0
+    for item in load_eval_set("phi3").items:
+        for pattern, compute in _ARITHMETIC.items():
+            if found := re.match(pattern, item.question):
+                assert isinstance(item.check, NumericCheck), item.id
+                assert item.check.value == compute(*map(int, found.groups())), item.id
+                computed += 1
+    assert computed == 11
+
+
+def test_the_phi3_references_score_1_and_the_wrong_answers_0_through_the_mlflow_scorers():
+    from tasks.evaluation import mlflow_scorers
+
+    phi3 = load_eval_set("phi3")
+    for answers, expected in ((None, True), (PHI3_WRONG_ANSWERS, False)):
+        values: dict[str, list[bool]] = {}
+        for item in phi3.items:
+            outputs = item.reference if answers is None else answers[item.id]
+            expectations = {"check": item.check.model_dump(mode="json")}
+            for scorer in mlflow_scorers():
+                feedback = scorer(outputs=outputs, expectations=expectations)
+                if feedback is not None:
+                    values.setdefault(scorer.name, []).append(feedback.value)
+        # Every family scores its own items, each item once: the means MLflow reports.
+        assert set(values) == set(SCORER_OF.values())
+        assert sum(map(len, values.values())) == len(phi3.items)
+        assert all(value is expected for family in values.values() for value in family)
 
 
 # The decision

@@ -205,6 +205,39 @@ def test_chat_model_rejects_bad_requests(chat_model, request_):
 
 
 @pytest.mark.integration
+def test_min_tokens_and_ignore_eos_fix_the_length(chat_model):
+    (short,) = chat_model.predict(None, _ask(SPAIN, max_tokens=40))
+    assert short["choices"][0]["finish_reason"] == "stop"
+    assert short["usage"]["completion_tokens"] < 30  # the trained answer ends early
+    (at_least,) = chat_model.predict(None, _ask(SPAIN, max_tokens=40, min_tokens=30))
+    assert at_least["usage"]["completion_tokens"] >= 30
+    (fixed,) = chat_model.predict(None, _ask(SPAIN, max_tokens=40, ignore_eos=True))
+    assert fixed["choices"][0]["finish_reason"] == "length"
+    assert fixed["usage"]["completion_tokens"] == 40
+    chunks = list(chat_model.predict_stream(None, _ask(SPAIN, max_tokens=40, ignore_eos=True)))
+    assert chunks[-1]["usage"]["completion_tokens"] == 40
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"min_tokens": -1}, "min_tokens must be in"),
+        ({"min_tokens": 41}, "min_tokens must be in"),
+        ({"min_tokens": 2.5}, "whole number"),
+        ({"min_tokens": "10"}, "whole number"),
+        ({"min_tokens": True}, "whole number"),
+        ({"ignore_eos": "yes"}, "ignore_eos must be true or false"),
+    ],
+)
+def test_bad_min_tokens_and_ignore_eos_are_explained(chat_model, extra, message):
+    with pytest.raises(MlflowException, match=message):
+        chat_model.predict(None, _ask(SPAIN, max_tokens=40, **extra))
+    with pytest.raises(MlflowException, match=message):
+        next(chat_model.predict_stream(None, _ask(SPAIN, max_tokens=40, **extra)))
+
+
+@pytest.mark.integration
 def test_concurrent_chat_predictions_match_sequential_ones(chat_model):
     requests = [_ask(q) for q in TRAINED_ANSWERS] * 3
 
@@ -417,5 +450,6 @@ def test_a_stream_closed_early_cancels_its_turn_and_frees_the_engine(chat_model)
     made_after = list(text_turn.turn)  # what was made before the engine saw the cancel
     assert text_turn.turn.finish_reason == "cancelled" and len(made_after) < 1000
     assert runtime.engine.in_flight == 0
+    assert runtime.engine.health()["finished"]["cancelled"] >= 1
     (after,) = chat_model.predict(None, _ask(SPAIN))  # the engine still answers
     assert after["choices"][0]["message"]["content"] == TRAINED_ANSWERS[SPAIN]

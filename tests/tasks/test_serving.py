@@ -34,14 +34,20 @@ def test_serve_switch_status_and_stop(fresh_store, tmp_path):
     assert first.handle.host == "127.0.0.1"
     assert status_of(servers, "echo").state == "serving"
 
-    # Same model again: the healthy server is reused, not restarted.
-    again = serve(fresh_store, v1.uri, servers)
+    assert (first.handle.version, first.handle.alias) == ("1", "")
+
+    # Same model again: the healthy server is reused, not restarted. Asked for by an alias
+    # that names the same version, the state file records the alias (what metrics label).
+    fresh_store.client().set_registered_model_alias("echo", "champion", "1")
+    again = serve(fresh_store, "models:/echo@champion", servers)
     assert again.reused and again.handle.pid == first.handle.pid
+    assert status_of(servers, "echo").handle.alias == "champion"
 
     # A new version: started beside the old one, checked, switched, then the old one stopped.
     v2 = register(fresh_store, "echo")
     second = serve(fresh_store, v2.uri, servers)
-    assert second.replaced == first.handle and second.handle.port != first.handle.port
+    assert second.replaced == again.handle and second.handle.port != first.handle.port
+    assert (second.handle.version, second.handle.alias) == ("2", "")
     assert status_of(servers, "echo").handle.model_uri == v2.uri
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{first.handle.url}/ping", timeout=2)

@@ -17,15 +17,18 @@ from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schem
 import tasks.validation as validation
 from offline_kit.tiny_model import TRAINED_ANSWERS
 from slmops.config import GenerationSpec, OnnxExportSpec, WrapperKind
+from slmops.eval_sets import load_eval_set
 from slmops.expectations import (
     OutputSuiteSpec,
     SamplePrompt,
+    known_answer_prompts,
     model_input,
     run_output_suite,
     sample_frame,
     sample_prompts,
     sample_row,
 )
+from slmops.families import PHI3
 from slmops.refs import LoggedModelRef
 from slmops.reports import ParityReport, ValidationReport
 from slmops.signatures import (
@@ -51,6 +54,8 @@ from tasks.validation import (
 
 SOURCE = {"repo": "slmops/tiny-phi3", "commit": "0123abcd"}
 GENERATION = GenerationSpec(max_new_tokens=32)
+# What a release of the tiny model asks besides the family's prompts (reference_answers: true).
+KNOWN = known_answer_prompts(load_eval_set("tiny-phi3"))
 PROMPT_ONNX_FILE = Path(validation.__file__).parents[1] / "slmops" / "onnx_prompt_model.py"
 
 
@@ -166,7 +171,7 @@ def test_signature_diff_notices_a_column_order_change():
 
 
 def _rows(kind: WrapperKind, outputs: list, max_tokens: int = 32) -> list[dict]:
-    samples = sample_prompts()[: len(outputs)]
+    samples = KNOWN[: len(outputs)]
     return [sample_row(kind, s, o, max_tokens) for s, o in zip(samples, outputs, strict=True)]
 
 
@@ -183,15 +188,32 @@ def _completion(text: str, prompt: int = 5, completion: int = 3, total: int | No
 
 
 @pytest.mark.unit
-def test_sample_prompts_cover_the_trained_answers_with_and_without_system():
-    samples = sample_prompts()
-    assert [s.question for s in samples] == list(TRAINED_ANSWERS)
-    assert {s.system is None for s in samples} == {True, False}
-    assert all(s.expected == TRAINED_ANSWERS[s.question] for s in samples)
-    assert all(s.expected is None for s in sample_prompts(known_answers=False))
-    with_system = next(s for s in samples if s.system)
+def test_sample_prompts_are_the_familys_not_the_training_set_plus_known_answers():
+    structural = sample_prompts()
+    # A real model's validation asks what no model was trained on, with and without system.
+    assert [s.question for s in structural] == list(PHI3.validation_prompts)
+    assert not set(PHI3.validation_prompts) & set(TRAINED_ANSWERS)
+    assert {s.system is None for s in structural} == {True, False}
+    assert all(s.expected is None for s in structural)
+    # The tiny model's release also asks its set's questions, whose trained answers must come out.
+    assert {s.question: s.expected for s in KNOWN} == TRAINED_ANSWERS
+    assert sample_prompts(KNOWN) == structural + KNOWN
+    with_system = next(s for s in structural if s.system)
     assert model_input(WrapperKind.CHAT_ONNX, with_system)["messages"][0]["role"] == "system"
     assert model_input(WrapperKind.PROMPT_ONNX, with_system)["prompt"].startswith("<|system|>")
+
+
+@pytest.mark.unit
+def test_known_answers_are_checked_beside_the_structural_prompts():
+    samples = sample_prompts(KNOWN)
+    spec = OutputSuiteSpec(kind=WrapperKind.PROMPT_ONNX, max_tokens=32)
+    answers = {s.question: s.expected or "Some text." for s in samples}
+    rows = [sample_row(spec.kind, s, [answers[s.question]], 32) for s in samples]
+    assert run_output_suite(sample_frame(rows), spec).success
+    answers[KNOWN[-1].question] = "Some text."  # a known answer missed
+    rows = [sample_row(spec.kind, s, [answers[s.question]], 32) for s in samples]
+    outcome = run_output_suite(sample_frame(rows), spec)
+    assert not outcome.success and any("known answers" in f for f in outcome.failures)
 
 
 @pytest.mark.unit
@@ -281,10 +303,11 @@ def logged_like_ref() -> LoggedModelRef:
 def test_the_three_good_models_pass_and_results_land_on_their_runs(store, logged):
     client = store.client()
     for kind, ref in logged.items():
-        report = validate_model.fn(store, ref)  # the token budget is read from the model
+        # The token budget is read from the model.
+        report = validate_model.fn(store, ref, known_answers=KNOWN)
         assert report.passed, report.failures()
         assert report.summary().startswith("passed: signature ok, serving example ok")
-        assert report.outputs.samples == len(TRAINED_ANSWERS)
+        assert report.outputs.samples == len(PHI3.validation_prompts) + len(TRAINED_ANSWERS)
         assert report.outputs.expectations_passed == report.outputs.expectations_evaluated
         run = client.get_run(ref.run_id)
         assert run.data.tags[VALIDATION_TAG] == "passed"
@@ -369,11 +392,9 @@ def test_the_token_budget_comes_from_the_logged_model(store, tmp_path):
     ref = log_fake(
         store, tmp_path, WrapperKind.CHAT_ONNX, body, model_config={"max_new_tokens": 32}
     )
-    report = validate_outputs.fn(store, ref, known_answers=False)
+    report = validate_outputs.fn(store, ref)
     assert any("completion_tokens <= max_tokens" in f for f in report.failures)
-    wider = validate_outputs.fn(
-        store, ref, generation=GenerationSpec(max_new_tokens=64), known_answers=False
-    )
+    wider = validate_outputs.fn(store, ref, generation=GenerationSpec(max_new_tokens=64))
     assert wider.passed, wider.failures
 
 
@@ -382,10 +403,10 @@ def test_wrong_answers_fail_only_when_known_answers_are_checked(store, tmp_path)
     ref = log_fake(
         store, tmp_path, WrapperKind.CHAT_ONNX, chat_reply('"I do not know."', GOOD_USAGE)
     )
-    strict = validate_outputs.fn(store, ref, generation=GENERATION)
+    strict = validate_outputs.fn(store, ref, generation=GENERATION, known_answers=KNOWN)
     assert not strict.passed
     assert any("known answers" in f for f in strict.failures)
-    lenient = validate_outputs.fn(store, ref, generation=GENERATION, known_answers=False)
+    lenient = validate_outputs.fn(store, ref, generation=GENERATION)
     assert lenient.passed, lenient.failures
 
 
@@ -409,7 +430,7 @@ def test_transformers_and_onnx_fp32_agree_token_by_token(tiny_model_dir, tmp_pat
     report = compare_runtimes.fn(tiny_model_dir, fp32, store=store, run_id=run_id)
     assert report.passed, report.mismatches
     assert report.agreement == 1.0
-    assert report.prompts == len(TRAINED_ANSWERS) and report.compared_tokens > 0
+    assert report.prompts == len(PHI3.validation_prompts) and report.compared_tokens > 0
     assert store.client().get_run(run_id).data.metrics["parity.agreement"] == 1.0
 
 
