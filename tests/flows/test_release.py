@@ -26,6 +26,7 @@ from flows.rollback import rollback
 from flows.serve import serve
 from slmops import tags
 from slmops.config import (
+    GateSpec,
     GenerationSpec,
     RollbackConfig,
     ServeFlowConfig,
@@ -41,7 +42,10 @@ from tasks.serving import ask, status_of
 pytestmark = pytest.mark.e2e
 KINDS = (WrapperKind.CHAT_TRANSFORMERS, WrapperKind.PROMPT_ONNX, WrapperKind.CHAT_ONNX)
 SERVED = KINDS
-CONFIG = ReleaseConfig()
+# Latency is judged on a shared test machine, where the champion and the challenger are timed
+# under different loads: a generous slack keeps these releases about scores (the latency and
+# memory rules are unit-tested in tests/slmops/test_gate.py).
+CONFIG = ReleaseConfig(gate=GateSpec(latency_slack_s=10.0))
 # Four new tokens cut every trained answer short ("The capital of Spain") but keep the structure
 # that validation checks for a real model (no reference answers): greedy, so deterministic, and a
 # challenger only the gate can catch.
