@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -56,9 +57,13 @@ def checkout_stays_clean() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def embedded_repos() -> dict[str, Path]:
     """repo id -> local folder of the embedded tiny Phi-3 and its ONNX release."""
+    from filelock import FileLock
+
     from offline_kit.embedded import ensure_embedded_repos
 
-    return ensure_embedded_repos(EMBEDDED_CACHE)
+    EMBEDDED_CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(EMBEDDED_CACHE / ".build.lock"):  # parallel workers: one builds, the rest wait
+        return ensure_embedded_repos(EMBEDDED_CACHE)
 
 
 @pytest.fixture(scope="session")
@@ -142,25 +147,36 @@ def _uses_shared_release(item: pytest.Item) -> bool:
     return "released" in getattr(item, "fixturenames", ())
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # The shared release starts in the background with the session's first test
-    # (`release_started`); the tests on it run last, when it is ready, and the one that deletes
-    # its state folder runs very last. Otherwise the order holds.
+def _in_parallel(config: pytest.Config) -> bool:
+    """Whether pytest-xdist runs this session on several workers (addopts: `-n auto`)."""
+    return bool(getattr(config.option, "numprocesses", None)) or "PYTEST_XDIST_WORKER" in (
+        os.environ
+    )
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Each module runs whole on one worker (its module-scoped homes and ordered chains), and
+    # every test on the shared release runs on the same worker: one shared release a session.
+    for item in items:
+        group = "shared-release" if _uses_shared_release(item) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+    # In parallel the shared release's tests come first, so that one worker starts with them
+    # (the longest group) while the others take the rest. Run serially, the release starts in
+    # the background with the first test (`release_started`) and its tests run last, when it is
+    # ready. Either way the test that deletes its state folder runs after all its others.
+    parallel = _in_parallel(config)
     items.sort(
         key=lambda item: (
-            _uses_shared_release(item),
+            _uses_shared_release(item) != parallel,
             item.get_closest_marker("deletes_shared_release") is not None,
         )
     )
 
 
-@pytest.fixture(scope="session", autouse=True)
-def release_started(request, tmp_path_factory) -> Iterator[tuple[ReleaseHome, Popen] | None]:
-    """The shared release's process, started with the session's first test when a selected test
-    uses `released` (else None); at the end, every server it started is stopped."""
-    if not any(_uses_shared_release(item) for item in request.session.items):
-        yield None
-        return
+@contextlib.contextmanager
+def _shared_release(request, tmp_path_factory) -> Iterator[tuple[ReleaseHome, Popen]]:
+    """Start the shared release's process; at the end, stop every server it started."""
     import yaml
     from prefect.settings import PREFECT_API_URL
 
@@ -203,8 +219,25 @@ def release_started(request, tmp_path_factory) -> Iterator[tuple[ReleaseHome, Po
             stop.result()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def release_started(request, tmp_path_factory) -> Iterator[tuple[ReleaseHome, Popen] | None]:
+    """Run serially, the shared release's process, started in the background with the session's
+    first test when a selected test uses `released` (else None). On a pytest-xdist worker it is
+    None: a worker cannot know yet whether it will get the shared release's tests, so
+    `released` starts it when the first of them runs (first on its worker)."""
+    if _in_parallel(request.config) or not any(
+        _uses_shared_release(item) for item in request.session.items
+    ):
+        yield None
+        return
+    with _shared_release(request, tmp_path_factory) as started:
+        yield started
+
+
 @pytest.fixture(scope="session")
-def released(release_started: tuple[ReleaseHome, Popen] | None) -> ReleaseHome:
+def released(
+    request, tmp_path_factory, release_started: tuple[ReleaseHome, Popen] | None
+) -> Iterator[ReleaseHome]:
     """One real release for the session, run as a new user runs it (README command 1 with an
     empty HOME, HF_TOKEN set; test_first_run checks its output): the three wrappers validated,
     registered, promoted and served by `mlflow models serve`, the front door in front of them.
@@ -213,12 +246,14 @@ def released(release_started: tuple[ReleaseHome, Popen] | None) -> ReleaseHome:
     served (kills a server, switches a version, releases again) puts the champions back
     (`ReleaseHome.restore_serving`) or restores what it changed, so any order of tests works.
     """
-    assert release_started is not None  # started for every session with a test on it
-    home, proc = release_started
-    report = home.finish("first", proc)
-    assert {o["registered_model"] for o in report["outcomes"]} == set(home.names.values())
-    assert all(o["promoted"] for o in report["outcomes"]), report
-    return home
+    with contextlib.ExitStack() as stack:
+        home, proc = release_started or stack.enter_context(
+            _shared_release(request, tmp_path_factory)
+        )
+        report = home.finish("first", proc)
+        assert {o["registered_model"] for o in report["outcomes"]} == set(home.names.values())
+        assert all(o["promoted"] for o in report["outcomes"]), report
+        yield home
 
 
 @pytest.fixture()
