@@ -158,9 +158,15 @@ def _in_parallel(config: pytest.Config) -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Each module runs whole on one worker (its module-scoped homes and ordered chains), and
     # every test on the shared release runs on the same worker: one shared release a session.
-    for item in items:
-        group = "shared-release" if _uses_shared_release(item) else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        from _pytest.nodeid import coerce_node_id
+
+        for item in items:
+            group = "shared-release" if _uses_shared_release(item) else item.nodeid.split("::")[0]
+            # `--dist loadgroup` groups by a "@group" suffix of the test's id. pytest-xdist 3.8
+            # writes it to `item._nodeid` (from an `xdist_group` mark), which pytest 9 no longer
+            # reads (the id is `item._id`), so every test would go its own way: write it here.
+            item._id = coerce_node_id(f"{item.nodeid}@{group}")
     # In parallel the shared release's tests come first, so that one worker starts with them
     # (the longest group) while the others take the rest. Run serially, the release starts in
     # the background with the first test (`release_started`) and its tests run last, when it is
