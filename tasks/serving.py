@@ -153,39 +153,28 @@ def launch_server(
         sys.executable, "-m", "mlflow", "models", "serve",
         "-m", model_uri, "-h", host, "-p", str(port), "--env-manager", "local",
     ]  # fmt: skip
-    pid, process_started = _spawn_until_healthy(
-        cmd, env, log_path, f"http://{host}:{port}/ping", startup_timeout_s,
-        f"mlflow models serve for {model_uri}",
+    return _spawn_server(
+        cmd, env, log_path, "/ping", startup_timeout_s, f"mlflow models serve for {model_uri}",
+        name=name, host=host, port=port, kind=kind, model_uri=model_uri, alias=alias,
+        request_timeout_s=request_timeout_s, stream_port=stream_port,
     )  # fmt: skip
-    return ServerHandle(
-        name=name,
-        kind=kind,
-        model_uri=model_uri,
-        alias=alias,
-        request_timeout_s=request_timeout_s,
-        stream_port=stream_port,
-        host=host,
-        port=port,
-        pid=pid,
-        process_started=process_started,
-        log_path=log_path,
-        started_at=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
 
 
-def _spawn_until_healthy(
+def _spawn_server(
     cmd: list[str],
     env: dict[str, str],
     log_path: Path,
-    health_url: str,
+    health_path: str,
     startup_timeout_s: float,
     what: str,
-) -> tuple[int, float]:
-    """Start `cmd` in its own session and wait until `health_url` answers 200.
+    **handle: Any,
+) -> ServerHandle:
+    """Start `cmd` in its own session and wait until `health_path` on its `host`:`port` answers
+    200; its handle, with the process and start time filled in from `handle`'s fields.
 
-    Returns the pid and the process start time; a process that exits or never gets healthy is
-    an error (and is killed).
+    A process that exits or never gets healthy is an error (and is killed).
     """
+    health_url = f"http://{handle['host']}:{handle['port']}{health_path}"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -196,7 +185,13 @@ def _spawn_until_healthy(
         if proc.poll() is not None:
             raise ServingError(f"{what} exited with {proc.returncode}:\n{_log_tail(log_path)}")
         if _answers(health_url):
-            return proc.pid, process_started
+            return ServerHandle(
+                **handle,
+                pid=proc.pid,
+                process_started=process_started,
+                log_path=log_path,
+                started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            )
         time.sleep(0.5)
     _stop_process_group(proc.pid, process_started)
     raise ServingError(
@@ -687,18 +682,10 @@ def serve_front_door(
             "--servers-dir", str(servers_dir.resolve()), "--host", host, "--port", str(port),
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k not in HUB_TOKEN_VARIABLES}
-        pid, process_started = _spawn_until_healthy(
-            cmd, env, log_path, f"http://{host}:{port}/health", startup_timeout_s, "the front door"
-        )
-        handle = ServerHandle(
-            name=FRONT_DOOR,
-            host=host,
-            port=port,
-            pid=pid,
-            process_started=process_started,
-            log_path=log_path,
-            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        )
+        handle = _spawn_server(
+            cmd, env, log_path, "/health", startup_timeout_s, "the front door",
+            name=FRONT_DOOR, host=host, port=port,
+        )  # fmt: skip
         write_handle(servers_dir, handle)
     logger.info("front door serving %s", status_of(servers_dir, FRONT_DOOR).detail)
     return handle
