@@ -93,14 +93,19 @@ def _files(uri: str) -> Path:
     return Path(uri.removeprefix("file://"))
 
 
-@pytest.mark.integration
-def test_prune_flow_on_echo_releases(tmp_path, empty_store, prefect_harness, monkeypatch):
+def fresh_home(tmp_path, empty_store, monkeypatch) -> tuple[Settings, ModelStore]:
+    """A new SLMOPS_HOME with an empty store, that the flows called here use."""
     home = tmp_path / "home"
     home.mkdir()
     shutil.copyfile(empty_store, home / "mlflow.db")
     point_at(home, monkeypatch)
     settings = Settings.from_env()
-    store = ModelStore.from_settings(settings)
+    return settings, ModelStore.from_settings(settings)
+
+
+@pytest.mark.integration
+def test_prune_flow_on_echo_releases(tmp_path, empty_store, prefect_harness, monkeypatch):
+    settings, store = fresh_home(tmp_path, empty_store, monkeypatch)
     client = store.client()
     # Four releases: folder a (v1), folder b shared by v2 and v3 (a re-release with new
     # generation settings of the same build), folder d (v4, Production).
@@ -183,12 +188,7 @@ def test_three_tiny_releases_pruned_to_two_releases_worth(
     with its defaults then leaves at most two releases' bytes under the artifact root."""
     from flows.release import EXPERIMENT, ReleaseConfig, log_wrappers
 
-    home = tmp_path / "home"
-    home.mkdir()
-    shutil.copyfile(empty_store, home / "mlflow.db")
-    point_at(home, monkeypatch)
-    settings = Settings.from_env()
-    store = ModelStore.from_settings(settings)
+    settings, store = fresh_home(tmp_path, empty_store, monkeypatch)
     config = ReleaseConfig()
     sizes = []
     for n in range(3):
