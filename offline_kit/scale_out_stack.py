@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -357,16 +358,20 @@ class ScaleOutStack:
         )
         wait_until(http_ok(f"http://127.0.0.1:{self.s3_port}/moto-api/"), 60, "moto", proc)
         self.relay = S3Relay(self.s3_port)
+        self.s3_client().create_bucket(Bucket=BUCKET)
+
+    def s3_client(self) -> Any:
+        """A boto3 S3 client of the stack's store, through the relay (which tests can cut)."""
         import boto3
 
-        s3 = boto3.client(
+        assert self.relay is not None, "S3 is not started"
+        return boto3.client(
             "s3",
             endpoint_url=self.relay.endpoint,
             aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
             region_name=S3_KEYS["AWS_DEFAULT_REGION"],
         )
-        s3.create_bucket(Bucket=BUCKET)
 
     def _start_prefect(self) -> None:
         env = {

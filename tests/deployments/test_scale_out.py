@@ -25,7 +25,6 @@ from offline_kit.fake_hub import FakeHub
 from offline_kit.scale_out_stack import (
     BUCKET,
     RELEASE_POOL,
-    S3_KEYS,
     ZOMBIE_AFTER_S,
     ScaleOutStack,
 )
@@ -260,17 +259,9 @@ def test_two_releases_and_a_rollback_at_once_on_two_hosts(stack, commits, api):
 
 
 def s3_keys(stack: ScaleOutStack) -> list[str]:
-    import boto3
-
-    assert stack.relay is not None
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=stack.relay.endpoint,
-        aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
-        region_name=S3_KEYS["AWS_DEFAULT_REGION"],
+    pages = (
+        stack.s3_client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="mlflow/")
     )
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="mlflow/")
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
