@@ -20,9 +20,14 @@ memory (total - available, other users included), bytes written by the flow proc
 and the memory check's verdict per server switch (from the flow's log).
 
 Validation settings are parameters only (`generation.max_new_tokens`, as for any model); the
-twin's generation is deterministic and bounded by construction.
+twin's generation is deterministic and bounded by construction. The gate evaluates an evenly
+spread subset of the Phi-3 set (`--eval-items`, written as a .jsonl file that
+`evaluation.eval_set` names, as a user would): bf16 transformers on 2 cores takes ~30 s per
+item here, so the whole set (60) would cost half an hour per wrapper; the evaluation tasks'
+seconds per item are in the results, to price the whole set.
 
     python -m benchmarks.fullsize [--layers 32] [--max-new-tokens 8] [--budget-gb 20]
+        [--eval-items 6]
 """
 
 from __future__ import annotations
@@ -142,7 +147,24 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def release_config(max_new_tokens: int, budget_gb: float | None) -> dict[str, Any]:
+def eval_subset(config: dict[str, Any], items: int, folder: Path) -> Path:
+    """`items` evenly spread items of the release's evaluation set, as a .jsonl file."""
+    from slmops.eval_sets import eval_set_path
+
+    lines = [
+        line
+        for line in eval_set_path(config["evaluation"]["eval_set"]).read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    step = max(1, len(lines) // items)
+    path = folder / f"phi3-subset-{items}.jsonl"
+    path.write_text("\n".join(lines[::step][:items]) + "\n")
+    return path
+
+
+def release_config(
+    max_new_tokens: int, budget_gb: float | None, eval_set: Path | None = None
+) -> dict[str, Any]:
     """deployments/phi3-mini.yaml, pointed at the twin's repos, with the rehearsal's knobs."""
     from offline_kit.twin_model import TWIN_ONNX_REPO_ID, TWIN_REPO_ID
 
@@ -150,6 +172,8 @@ def release_config(max_new_tokens: int, budget_gb: float | None) -> dict[str, An
     config["hub"].update(repo_id=TWIN_REPO_ID, onnx_repo_id=TWIN_ONNX_REPO_ID)
     config["generation"]["max_new_tokens"] = max_new_tokens
     config["serve"]["memory_budget_gb"] = budget_gb
+    if eval_set is not None:
+        config["evaluation"]["eval_set"] = str(eval_set)
     # Random weights answer noise: the rehearsal measures cost, so no quality floor.
     config["gate"]["min_score"] = 0.0
     return config
@@ -225,6 +249,9 @@ def main(argv: list[str] | None = None) -> PartResult:
     parser.add_argument("--layers", type=int, default=32, help="32 = full size; 1-2 for CI size")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--budget-gb", type=float, default=20.0, help="serve.memory_budget_gb")
+    parser.add_argument(
+        "--eval-items", type=int, default=6, help="items of the Phi-3 set the gate evaluates"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the sandbox folder")
     parser.add_argument(
         "--reclaim-disk",
@@ -243,20 +270,23 @@ def main(argv: list[str] | None = None) -> PartResult:
     result.quick = args.layers < 32
     started = time.perf_counter()
     first, second = _twin(args.layers, FIRST_SEED), _twin(args.layers, SECOND_SEED)
-    config = release_config(args.max_new_tokens, args.budget_gb)
-    release = Stage("release", ["-m", "flows.release", json.dumps(config)])
-    rollback_config = {
-        "kind": "chat-transformers", "version": 1, "reason": "rehearsal rollback",
-        "registry": config["registry"], "serve": config["serve"],
-    }  # fmt: skip
-    rollback = Stage(
-        "rollback",
-        ["-c", "import sys; from flows.rollback import rollback; from slmops.config import "
-         "RollbackConfig; rollback(RollbackConfig.model_validate_json(sys.argv[1]))",
-         json.dumps(rollback_config)],
-    )  # fmt: skip
     rows = []
     with ReleaseSandbox("fullsize", keep=args.keep) as sandbox:
+        config = release_config(args.max_new_tokens, args.budget_gb)
+        config = release_config(
+            args.max_new_tokens, args.budget_gb, eval_subset(config, args.eval_items, sandbox.root)
+        )
+        release = Stage("release", ["-m", "flows.release", json.dumps(config)])
+        rollback_config = {
+            "kind": "chat-transformers", "version": 1, "reason": "rehearsal rollback",
+            "registry": config["registry"], "serve": config["serve"],
+        }  # fmt: skip
+        rollback = Stage(
+            "rollback",
+            ["-c", "import sys; from flows.rollback import rollback; from slmops.config import "
+             "RollbackConfig; rollback(RollbackConfig.model_validate_json(sys.argv[1]))",
+             json.dumps(rollback_config)],
+        )  # fmt: skip
         # A persistent Prefect server, as deployments use: no stage pays for starting (and
         # migrating the database of) a temporary one.
         sandbox.env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
@@ -309,6 +339,7 @@ def main(argv: list[str] | None = None) -> PartResult:
         "layers": args.layers,
         "max_new_tokens": args.max_new_tokens,
         "budget_gb": args.budget_gb,
+        "eval_items": args.eval_items,
         "twin_weights_gb": round(_folder_bytes(first.model_dir) / GB, 2),
         "twin_onnx_gb": round(_folder_bytes(first.onnx_repo_dir) / GB, 2)
         if first.onnx_repo_dir

@@ -291,16 +291,6 @@ def log_chat_pipeline(
     params = {**_source_params(source), **_generation_params(generation)}
     params["architecture"] = architecture
     with candidate_run(store, experiment, kind, params, _source_tags(source)) as run_id:
-        import transformers
-
-        # add_bos_token=False: the tokenizer config says so, but transformers 5 keeps the BOS
-        # of tokenizer.json's post-processor unless told explicitly. With a BOS, MLflow counts
-        # it as a completion token (usage off by one, finish_reason "stop" at the length limit),
-        # and the prompts differ from what onnxruntime-genai's tokenizer produces.
-        tokenizer = transformers.AutoTokenizer.from_pretrained(snapshot_dir, add_bos_token=False)
-        # dtype="auto": the checkpoint's own dtype (bf16 for Phi-3), not an fp32 copy of it.
-        model = transformers.AutoModelForCausalLM.from_pretrained(snapshot_dir, dtype="auto")
-        pipe = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
         model_config: dict[str, Any] = {
             "max_new_tokens": generation.max_new_tokens,
             "do_sample": generation.do_sample,
@@ -308,13 +298,14 @@ def log_chat_pipeline(
         if generation.do_sample:
             model_config["temperature"] = generation.temperature
         # Saved straight into the artifact store (weights written once, not saved to a temp
-        # folder and copied: tasks/inplace_logging.py).
+        # folder and copied), by a child process for a big checkpoint (its memory goes back
+        # when it exits): tasks/inplace_logging.py.
         info = log_transformers_in_place(
             run_id=run_id,
             name=kind.value,
             tags={KIND_TAG: kind.value, **_source_tags(source)},
+            snapshot_dir=snapshot_dir,
             save_kwargs=dict(
-                transformers_model=pipe,
                 task="llm/v1/chat",
                 model_config=model_config,
                 # No input_example: MLflow would reload the saved weights (a second copy in
