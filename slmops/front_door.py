@@ -470,14 +470,15 @@ def create_app(
     """
     settings = settings or FrontDoorSettings()
     # One client for the app's life, not one per request: building one loads the CA bundle
-    # (~40 ms of CPU on 2 cores, paid before the first token of every streamed answer), and its
-    # pool keeps `/invocations` connections open. No limit on connections: the gates limit
-    # what is in flight. Closing a stream that was not read to its end closes its connection,
-    # which is what cancels the model's generation.
+    # (~40 ms of CPU on 2 cores, paid before the first token of every streamed answer). Still a
+    # new connection per request, as before: a kept-alive one that the model server closes just
+    # as it is reused would fail the request. No limit on connections: the gates limit what is
+    # in flight. Closing a stream not read to its end closes its connection, which is what
+    # cancels the model's generation.
     upstream = httpx.AsyncClient(
         transport=transport,
         timeout=UPSTREAM_TIMEOUT_S,
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
     )
 
     @contextlib.asynccontextmanager
