@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -436,7 +437,7 @@ def _chunk_head(chunk: Mapping[str, Any]) -> dict[str, Any]:
 
 async def _token_chunks(
     client: httpx.AsyncClient, backend: Backend, body: dict[str, Any]
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     """The chunks of the model's token stream, as it sends them."""
     assert backend.stream_url is not None
     try:
@@ -468,7 +469,29 @@ def create_app(
         settings: limits and API key (defaults: `FrontDoorSettings()`, no key).
     """
     settings = settings or FrontDoorSettings()
-    app = FastAPI(title="slmops OpenAI-compatible front door", docs_url=None, redoc_url=None)
+    # One client for the app's life, not one per request: building one loads the CA bundle
+    # (~40 ms of CPU on 2 cores, paid before the first token of every streamed answer). Still a
+    # new connection per request, as before: a kept-alive one that the model server closes just
+    # as it is reused would fail the request. No limit on connections: the gates limit what is
+    # in flight. Closing a stream not read to its end closes its connection, which is what
+    # cancels the model's generation.
+    upstream = httpx.AsyncClient(
+        transport=transport,
+        timeout=UPSTREAM_TIMEOUT_S,
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with upstream:
+            yield
+
+    app = FastAPI(
+        title="slmops OpenAI-compatible front door",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
     metrics = FrontDoorMetrics()
     app.state.metrics = metrics
     gates: dict[str, ModelGate] = {}
@@ -506,15 +529,15 @@ def create_app(
     @app.get("/ready")
     async def ready() -> JSONResponse:
         backends = served_chat_models(servers_dir)
-        async with httpx.AsyncClient(transport=transport, timeout=5.0) as client:
 
-            async def loaded(backend: Backend) -> bool:
-                try:
-                    return (await client.get(f"{backend.url}/ping")).status_code == 200
-                except httpx.HTTPError:
-                    return False
+        async def loaded(backend: Backend) -> bool:
+            try:
+                response = await upstream.get(f"{backend.url}/ping", timeout=5.0)
+            except httpx.HTTPError:
+                return False
+            return response.status_code == 200
 
-            states = await asyncio.gather(*(loaded(b) for b in backends.values()))
+        states = await asyncio.gather(*(loaded(b) for b in backends.values()))
         models = dict(zip(backends, states, strict=True))
         ok = bool(models) and all(models.values())
         return JSONResponse(
@@ -561,7 +584,7 @@ def create_app(
                 metrics.queue_depth.labels(**labels).dec()
             metrics.in_flight.labels(**labels).inc()
             answer = _Answer(
-                chat, backend, labels, started + settings.deadline_s, started, transport, metrics
+                chat, backend, labels, started + settings.deadline_s, started, upstream, metrics
             )
 
             async def release() -> None:
@@ -610,7 +633,7 @@ class _Answer:
     labels: dict[str, str]
     deadline: float  # time.monotonic()
     started: float
-    transport: httpx.AsyncBaseTransport | None
+    client: httpx.AsyncClient  # the app's, shared
     metrics: FrontDoorMetrics
 
     @property
@@ -623,9 +646,6 @@ class _Answer:
             raise deadline_exceeded("before the answer was complete")
         return remaining
 
-    def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=self.transport, timeout=UPSTREAM_TIMEOUT_S)
-
     async def whole(self, servers_dir: Path) -> dict[str, Any]:
         try:
             async with asyncio.timeout(self.remaining()):
@@ -634,9 +654,10 @@ class _Answer:
                 else:
                     completion = await self._invocation(servers_dir)
         except TimeoutError as exc:
-            # Leaving the block closed the connection to the model: its token stream's next
-            # write fails and the generation is cancelled. (`/invocations` cannot be cancelled:
-            # MLflow's server finishes that request in its thread.)
+            # Leaving the block closed the model's token stream (a response not read to its end
+            # closes its connection): the stream's next write fails and the generation is
+            # cancelled. (`/invocations` cannot be cancelled: MLflow's server finishes that
+            # request in its thread.)
             raise deadline_exceeded("before the answer was complete") from exc
         usage = completion.get("usage") or {}
         self.metrics.generated_tokens.labels(**self.labels).inc(
@@ -645,10 +666,9 @@ class _Answer:
         return {**completion, "object": "chat.completion", "model": self.chat.model}
 
     async def _invocation(self, servers_dir: Path) -> dict[str, Any]:
-        async with self.client() as client:
-            backend, response = await _invoke(
-                client, servers_dir, self.backend, self.chat.upstream_body()
-            )
+        backend, response = await _invoke(
+            self.client, servers_dir, self.backend, self.chat.upstream_body()
+        )
         if response.status_code != 200:
             raise _upstream_error(response, backend)
         try:
@@ -665,8 +685,9 @@ class _Answer:
         content: list[str] = []
         finish_reason = None
         usage = None
-        async with self.client() as client:
-            async for chunk in self._observed(_token_chunks(client, self.backend, self._body())):
+        chunks = self._observed(_token_chunks(self.client, self.backend, self._body()))
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
                 head = head or _chunk_head(chunk)
                 for choice in chunk.get("choices") or []:
                     content.append(choice.get("delta", {}).get("content") or "")
@@ -680,37 +701,38 @@ class _Answer:
         return self.chat.upstream_body()
 
     async def _observed(
-        self, chunks: AsyncIterator[dict[str, Any]]
-    ) -> AsyncIterator[dict[str, Any]]:
-        """The chunks, timing the first content and the gaps between contents."""
+        self, chunks: AsyncGenerator[dict[str, Any], None]
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """The chunks, timing the first content and the gaps between contents; closing it
+        closes `chunks` (the model's stream) at once, not when the garbage collector gets to it."""
         last = None
-        async for chunk in chunks:
-            has_content = any(
-                (c.get("delta") or {}).get("content") for c in chunk.get("choices") or []
-            )
-            if has_content:
-                now = time.monotonic()
-                if last is None:
-                    self.metrics.ttft.labels(**self.labels).observe(now - self.started)
-                else:
-                    self.metrics.inter_token.labels(**self.labels).observe(now - last)
-                last = now
-            yield chunk
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                has_content = any(
+                    (c.get("delta") or {}).get("content") for c in chunk.get("choices") or []
+                )
+                if has_content:
+                    now = time.monotonic()
+                    if last is None:
+                        self.metrics.ttft.labels(**self.labels).observe(now - self.started)
+                    else:
+                        self.metrics.inter_token.labels(**self.labels).observe(now - last)
+                    last = now
+                yield chunk
 
     async def stream(self, request: Request, servers_dir: Path, release: Any) -> StreamingResponse:
         """Server-sent events; errors before the first chunk are ordinary error answers."""
-        client = self.client()
+        if self.tokens_streamed:
+            chunks = self._observed(_token_chunks(self.client, self.backend, self._body()))
+            kind = "tokens"
+        else:
+            chunks = self._whole_as_chunks(servers_dir)
+            kind = "whole-answer"
         try:
-            if self.tokens_streamed:
-                chunks = self._observed(_token_chunks(client, self.backend, self._body()))
-                kind = "tokens"
-            else:
-                chunks = self._whole_as_chunks(servers_dir)
-                kind = "whole-answer"
             async with asyncio.timeout(self.remaining()):
                 first = await anext(chunks)
         except BaseException as error:
-            await client.aclose()
+            await chunks.aclose()
             await release()
             if isinstance(error, TimeoutError):
                 raise deadline_exceeded("before the first token") from error
@@ -744,8 +766,7 @@ class _Answer:
                 # whatever it was still generating, and the slot is free again. Shielded: a
                 # cancelled response task must still get this done.
                 with anyio.CancelScope(shield=True):
-                    await chunks.aclose()  # type: ignore[attr-defined]
-                    await client.aclose()
+                    await chunks.aclose()
                     await release()
 
         return _ClosingStreamingResponse(
@@ -754,7 +775,7 @@ class _Answer:
             headers={"X-Slmops-Streaming": kind, "Cache-Control": "no-cache"},
         )
 
-    async def _whole_as_chunks(self, servers_dir: Path) -> AsyncIterator[dict[str, Any]]:
+    async def _whole_as_chunks(self, servers_dir: Path) -> AsyncGenerator[dict[str, Any], None]:
         """The transformers wrapper's whole answer as chunks: not a token stream."""
         completion = await self._invocation(servers_dir)
         head = {

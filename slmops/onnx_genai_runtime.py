@@ -597,6 +597,9 @@ def serve_token_stream(
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"  # the end of the body is the end of the connection
+        # Each chunk is a small write of its own, sent as the engine makes it: Nagle's
+        # algorithm would hold one back until the previous one is acknowledged.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             pass  # uvicorn's log is the server's log

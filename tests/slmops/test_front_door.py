@@ -314,6 +314,28 @@ def test_the_onnx_token_stream_is_relayed_as_server_sent_events(tmp_path):
 
 
 @pytest.mark.unit
+def test_requests_share_the_apps_upstream_client(tmp_path, monkeypatch):
+    # Building an httpx client loads the CA bundle (~40 ms of CPU on 2 cores): built per
+    # request, it delayed every first token by that much.
+    fake = _streaming_fake(tmp_path)
+    built = []
+    build = httpx.AsyncClient.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(kwargs)
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(httpx.AsyncClient, "__init__", counted)
+    messages = [{"role": "user", "content": SPAIN}]
+    for model in (CHAT_ONNX, CHAT_TRANSFORMERS):
+        assert list(
+            fake.client.chat.completions.create(model=model, messages=messages, stream=True)
+        )
+        assert fake.client.chat.completions.create(model=model, messages=messages).choices
+    assert built == []
+
+
+@pytest.mark.unit
 def test_the_transformers_answer_is_streamed_whole_and_says_so(tmp_path):
     fake = _streaming_fake(tmp_path)
     with fake.client.chat.completions.with_streaming_response.create(
