@@ -73,7 +73,8 @@ def git_revision() -> dict[str, Any]:
         proc = subprocess.run(
             ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=False
         )
-        return proc.stdout.strip()
+        # rstrip only: a porcelain line starts with its status, " M" for a modified file.
+        return proc.stdout.rstrip()
 
     changed = [
         line

@@ -110,6 +110,11 @@ class OnnxExportSpec(Spec):
     source: Literal["build", "hub"] = "build"
     precision: Literal["int4", "fp32"] = "int4"
     execution_provider: Literal["cpu"] = "cpu"
+    # The hub release's options. Measured on the full-size twin (benchmarks/results/int4_sweep,
+    # 2af3968 and 5dc4d59, 2 cores): block 128 takes ~20% less per token and loads ~1 GB less, but
+    # the twin's random weights cannot show what the coarser blocks cost in accuracy, so 32
+    # stays until that is measured on real weights. Accuracy level 1 (fp32 compute) is 1.7-2x
+    # slower per token than 4 (int8 compute).
     block_size: Literal[16, 32, 64, 128, 256] = 32
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
 
