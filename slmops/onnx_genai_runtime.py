@@ -23,6 +23,7 @@ import json
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,10 @@ class OnnxGenerator:
         with self._engine_lock:
             if self._engine is None:
                 self._engine = SharedEngine(self._model)
+                # The engine's thread holds the model: without this, a model loaded once (by
+                # MLflow checking an input example while logging, by a test) would keep its
+                # weights for the life of the process.
+                weakref.finalize(self, self._engine.close)
             return self._engine
 
     def submit_many(self, specs: Sequence[TurnSpec]) -> list[Turn]:
@@ -326,7 +331,12 @@ class SharedEngine:
     def cancel(self, turn: Turn) -> None:
         self._inbox.put(("cancel", [turn]))
 
+    def close(self) -> None:
+        """End the engine's thread once it is idle; it lets go of the engine and the model."""
+        self._inbox.put(("close", []))
+
     def _loop(self) -> None:
+        closing = False
         while True:
             busy = self._engine.has_pending_requests()
             try:
@@ -334,16 +344,22 @@ class SharedEngine:
             except queue.Empty:
                 command = None
             while command is not None:
-                # A failing cancel (a turn that just ended) has nothing to undo; `_begin`
-                # fails its own turn.
-                with contextlib.suppress(Exception):
-                    self._handle(*command)
+                if command[0] == "close":
+                    closing = True
+                else:
+                    # A failing cancel (a turn that just ended) has nothing to undo; `_begin`
+                    # fails its own turn.
+                    with contextlib.suppress(Exception):
+                        self._handle(*command)
                 try:
                     command = self._inbox.get_nowait()
                 except queue.Empty:
                     command = None
             if self._engine.has_pending_requests():
                 self._step()
+            elif closing:
+                del self._buffer, self._engine
+                return
 
     def _handle(self, verb: str, turns: list[Turn]) -> None:
         if verb == "begin":

@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from slmops.refs import LoggedModelRef, ModelVersionRef
 from slmops.scorers import SCORER_OF, SCORERS, Check, score
 from slmops.store import ModelStore
 from tasks.caching import WhileResultIsLive, logged_model_exists, source_of
+from tasks.process_memory import own_peak_rss_mb
 from tasks.validation import ask_model, is_loaded, load_model, local_model_dir
 
 CHECK = TypeAdapter(Check)
@@ -448,8 +448,7 @@ def _main(argv: Sequence[str]) -> None:
     folder, kind, given, answers = argv
     items = [EvalItem.model_validate(item) for item in json.loads(Path(given).read_text())]
     predictions = predict_items(Path(folder), WrapperKind(kind), items)
-    # Linux reports ru_maxrss in KiB.
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_rss_mb = own_peak_rss_mb()
     Path(answers).write_text(
         json.dumps(
             {"predictions": [p.model_dump() for p in predictions], "peak_rss_mb": peak_rss_mb}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from mlflow.models import Model
 
 from slmops.errors import ExplainedError
 from slmops.onnx_builder import checkpoint_bytes
+from tasks.process_memory import own_peak_rss_mb
 
 # Smaller checkpoints are saved in-process: the child's start-up (~5 s of imports) would cost
 # more than their weights keep.
@@ -111,8 +111,7 @@ def _save_in_this_process() -> None:
     )  # fmt: skip
     with open(f"/proc/{os.getpid()}/io") as io:
         written = int(next(line for line in io if line.startswith("wchar:")).split()[1])
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"written_mb": written / 1e6, "peak_rss_mb": peak_kib * 1024 / 1e6}))
+    print(json.dumps({"written_mb": written / 1e6, "peak_rss_mb": own_peak_rss_mb()}))
 
 
 def local_artifact_dir(artifact_location: str) -> Path | None:

@@ -10,6 +10,7 @@ rejected before any run is opened.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -384,7 +385,21 @@ def _log_onnx_pyfunc(
             tags={KIND_TAG: kind.value, **_source_tags(source)},
             streamable=True,  # predict_stream (a model from code is not inspected for it)
         )
+    _forget_last_model_from_code()
     return _ref(info, run_id, kind)
+
+
+def _forget_last_model_from_code() -> None:
+    """Drop MLflow's reference to the last model loaded from code.
+
+    `log_model` loads the model to check its input example, and MLflow's `set_model` keeps the
+    instance in a module global (`__mlflow_model__`) until another model from code is loaded:
+    the flow would hold the ONNX model it just logged (3.5 GB for Phi-3-mini, measured).
+    """
+    import mlflow.models.model as model_module
+
+    vars(model_module).pop("__mlflow_model__", None)
+    gc.collect()  # the chat model is part of a reference cycle: free it now, not some day
 
 
 @task(**_TASK_OPTIONS)

@@ -13,7 +13,6 @@ import gc
 import json
 import logging
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from slmops.reports import (
 from slmops.signatures import expected_signature, input_example, signature_diff
 from slmops.store import ModelStore
 from tasks.caching import WhileResultIsLive, logged_model_exists, run_exists, source_of
+from tasks.process_memory import own_peak_rss_mb
 
 VALIDATION_TAG = tags.VALIDATION
 
@@ -527,8 +527,7 @@ def _check_in_fresh_process(request: ValidationRequest) -> ValidationReport:
 def _main(argv: Sequence[str]) -> None:
     given, found = argv
     report = check_model(ValidationRequest.model_validate_json(Path(given).read_text()))
-    # Linux reports ru_maxrss in KiB.
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_rss_mb = own_peak_rss_mb()
     Path(found).write_text(report.model_copy(update={"peak_rss_mb": peak_rss_mb}).model_dump_json())
 
 

@@ -101,6 +101,26 @@ def test_prompt_model_follows_the_token_budget(tiny_onnx_int4_dir):
 
 
 @pytest.mark.integration
+def test_a_model_no_longer_used_lets_go_of_its_engine_and_weights(tiny_onnx_int4_dir):
+    import gc
+    import threading
+
+    def engine_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "og-engine"}
+
+    before = engine_threads()
+    model = OnnxPromptModel()
+    model.load_context(_context(tiny_onnx_int4_dir, max_new_tokens=3))
+    model.predict(None, {"prompt": chat_prompt(SPAIN)})
+    (thread,) = engine_threads() - before
+    # As after MLflow checks an input example while logging: nothing holds the model any more.
+    del model
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+@pytest.mark.integration
 def test_prompt_model_samples_when_temperature_is_set(tiny_onnx_int4_dir):
     model = OnnxPromptModel()
     model.load_context(_context(tiny_onnx_int4_dir, max_new_tokens=8, temperature=1.0))

@@ -225,6 +225,24 @@ def test_a_missing_onnx_folder_is_rejected_before_anything_is_logged(fresh_store
 
 
 @pytest.mark.integration
+def test_logged_onnx_models_stay_loaded_nowhere(fresh_store, tiny_onnx_int4_dir):
+    import threading
+
+    def engine_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "og-engine"}
+
+    before = engine_threads()
+    for log in (log_onnx_prompt_model, log_onnx_chat_model):
+        log.fn(fresh_store, "release", tiny_onnx_int4_dir, GENERATION, OnnxExportSpec(), SOURCE)
+    # MLflow loaded each model to check its input example; an engine thread left running
+    # would hold its weights in the flow's process (3.5 GB for Phi-3-mini).
+    started = engine_threads() - before
+    for thread in started:
+        thread.join(timeout=10)
+    assert not [t for t in started if t.is_alive()]
+
+
+@pytest.mark.integration
 def test_a_source_without_commit_is_rejected(fresh_store, tiny_onnx_int4_dir):
     with pytest.raises(ValueError, match="commit"):
         log_onnx_prompt_model.fn(
