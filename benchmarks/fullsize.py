@@ -16,8 +16,9 @@ peak RSS of the flow process tree, of the flow process alone (a model loaded to 
 evaluate it lives in a child process) and of each model server's process tree (sampled every
 0.5 s; servers found by their state files), the peak of their sum and of the machine's used
 memory (total - available, other users included), bytes written by the flow process tree
-(/proc io counters, per process), bytes stored under SLMOPS_HOME, free disk before and after,
-and the memory check's verdict per server switch (from the flow's log).
+(/proc io counters: the flow process's own, into which Linux folds each child it reaps, plus
+the children still running at its last sample), bytes stored under SLMOPS_HOME, free disk
+before and after, and the memory check's verdict per server switch (from the flow's log).
 
 Validation settings are parameters only (`generation.max_new_tokens`, as for any model); the
 twin's generation is deterministic and bounded by construction. The gate evaluates an evenly
@@ -69,6 +70,16 @@ class Peaks:
     ours_total: int = 0  # flow tree + every server tree, at the same moment
     machine_used: int = 0  # total - available: every process on the machine
     written: dict[int, int] = field(default_factory=dict)  # pid -> write_bytes seen
+    # The flow's children at each sample: a child reaped by then is in the flow's own counter.
+    children_alive: set[int] = field(default_factory=set)
+
+    def flow_tree_written(self, flow_pid: int) -> int:
+        """Bytes the flow's process tree wrote, each counted once: Linux adds a reaped child's
+        I/O to its parent's counters, so summing every process's counter counts a finished
+        child (the process that logs the weights, say) twice."""
+        return self.written.get(flow_pid, 0) + sum(
+            self.written.get(pid, 0) for pid in self.children_alive
+        )
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -133,6 +144,8 @@ class Sampler(threading.Thread):
             except (psutil.Error, AttributeError):
                 continue
             peaks.written[proc.pid] = max(peaks.written.get(proc.pid, 0), written)
+        if flow and flow[0].pid == self.flow_pid:  # the flow still runs: its live children
+            peaks.children_alive = {p.pid for p in flow[1:]}
 
     def stop(self) -> Peaks:
         self._done.set()
@@ -223,7 +236,7 @@ def run_stage(sandbox: ReleaseSandbox, stage: Stage, hub_endpoint: str) -> dict[
         **{f"{name}_peak_rss_gb": round(v / GB, 2) for name, v in sorted(peaks.servers.items())},
         "ours_peak_rss_gb": round(peaks.ours_total / GB, 2),
         "machine_peak_used_gb": round(peaks.machine_used / GB, 2),
-        "written_gb": round(sum(peaks.written.values()) / GB, 2),
+        "written_gb": round(peaks.flow_tree_written(proc.pid) / GB, 2),
         "stored_delta_gb": round((_folder_bytes(sandbox.home) - stored_before) / GB, 2),
         "free_disk_before_gb": round(free_before / GB, 1),
         "free_disk_after_gb": round(shutil.disk_usage(sandbox.root).free / GB, 1),

@@ -2,14 +2,57 @@
 
 from __future__ import annotations
 
+from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger
 
 from flows._runtime import run_from_command_line
 from flows._serving import serve_champions
 from slmops.config import RegistrySpec, RollbackConfig, Settings, WrapperKind
+from slmops.errors import ExplainedError
 from slmops.store import ModelStore
-from tasks.registry import ModelVersionRef, PromotionReport, rollback_version
+from tasks.registry import (
+    ModelVersionRef,
+    PromotionReport,
+    champion_version,
+    refuse_pruned,
+    rollback_version,
+)
 from tasks.reporting import publish_table
+from tasks.serving import check_serving_fits
+
+
+class RollbackMemoryError(ExplainedError):
+    """The version's server cannot fit in memory even once the current one is stopped: the
+    rollback was refused before any registry move, and Production stays served."""
+
+
+def check_rollback_fits(config: RollbackConfig, settings: Settings, ref: ModelVersionRef) -> None:
+    """Refuse, before the registry moves, a rollback whose server could not be started.
+
+    Moving Production first would leave it naming a version that is not served (measured on
+    the Phi-3-mini twin: bf16 back to v1 beside two ONNX servers was 0.04 GiB over its budget
+    even stop-first, and the registry had already moved).
+    """
+    store = ModelStore.from_settings(settings)
+    client = store.client()
+    refuse_pruned(client, ref.name, ref.version, "roll back to")
+    try:
+        client.get_model_version(ref.name, str(ref.version))
+    except MlflowException:
+        return  # not registered: rollback_version says so in its own words
+    plan = check_serving_fits(
+        f"models:/{ref.name}/{ref.version}", ref.name, settings.servers_dir, store,
+        config.serve.memory_budget_gb,
+    )  # fmt: skip
+    if plan is not None and plan.order == "refuse":
+        current = champion_version(store, ref.name)
+        stays = f"v{current.version}" if current else "nothing"
+        raise RollbackMemoryError(
+            f"not rolling {ref.name} back to v{ref.version}: its server cannot fit "
+            f"({plan.describe()}). Production stays {stays}, still served. Free memory (stop "
+            "other servers, fewer serve.kinds) or raise serve.memory_budget_gb, then roll back "
+            "again"
+        )
 
 
 @flow(name="rollback", flow_run_name="rollback-{config.kind.value}-to-v{config.version}")
@@ -23,6 +66,8 @@ def rollback(config: RollbackConfig) -> PromotionReport:
     settings = Settings.from_env()
     name = config.registry.model_name(config.kind)
     ref = ModelVersionRef(name=name, version=config.version)
+    if config.serve.enabled and config.kind in config.serve.kinds:
+        check_rollback_fits(config, settings, ref)
     report = rollback_version(
         ModelStore.from_settings(settings), ref, config.reason, settings.registry_locks
     )

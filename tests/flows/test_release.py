@@ -9,7 +9,7 @@ One module-wide state folder; the tests run in order and build on each other, as
 - that challenger promoted by force, audited as such;
 - a better challenger promoted over the weak champion (whose evaluation is reused, not re-run),
   replacing Production and every server;
-- a rollback, and a rollback to a version that does not exist.
+- a rollback, a rollback to a version that does not exist, and one whose server cannot fit.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.release import ReleaseConfig, ReleaseGateError, ReleaseValidationError, release
-from flows.rollback import rollback
+from flows.rollback import RollbackMemoryError, rollback
 from flows.serve import serve
 from slmops import tags
 from slmops.config import (
@@ -294,3 +294,19 @@ def test_bad_rollback_target_fails_clearly_and_changes_nothing(settings):
     with pytest.raises(Exception, match="not registered"):
         rollback(RollbackConfig(kind=WrapperKind.PROMPT_ONNX, version=99, reason="typo"))
     assert registry_snapshot(settings) == before
+
+
+def test_a_rollback_whose_server_cannot_fit_changes_nothing(settings):
+    name = names()[WrapperKind.PROMPT_ONNX]
+    before = registry_snapshot(settings)
+    served = status_of(settings.servers_dir, name).handle
+    no_room = RollbackConfig(kind=WrapperKind.PROMPT_ONNX, version=4, reason="no room")
+    no_room = no_room.model_copy(
+        update={"serve": no_room.serve.model_copy(update={"memory_budget_gb": 0.01})}
+    )
+    with pytest.raises(RollbackMemoryError, match=r"back to v4.*Production stays v1, still served"):
+        rollback(no_room)
+    # Refused before the registry moved: Production still names the version being served.
+    assert registry_snapshot(settings) == before
+    status = status_of(settings.servers_dir, name)
+    assert status.state == "serving" and status.handle.model_uri == served.model_uri
