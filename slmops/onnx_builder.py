@@ -26,7 +26,6 @@ temporary disk (the fp32 model) instead of 2.5x of memory. Each step runs in a s
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from slmops.config import OnnxExportSpec
 from slmops.errors import ExplainedError
+from slmops.processes import checkout_env
 
 GENAI_CONFIG = "genai_config.json"
 GIB = 1 << 30
@@ -186,10 +186,7 @@ def check_memory_fits(
 
 def _run_step(cmd: list[str], budget: int, model_dir: Path, out: Path, what: str) -> int:
     """Run one build step under the memory watchdog; its peak RSS, or OnnxExportError."""
-    # `python -m slmops...` must import this very package, installed or not.
-    package_root = str(Path(__file__).resolve().parent.parent)
-    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-    proc, peak = run_within_memory(cmd, budget, env={**os.environ, "PYTHONPATH": path})
+    proc, peak = run_within_memory(cmd, budget, env=checkout_env())
     if proc.returncode != 0 or not (out / GENAI_CONFIG).exists():
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise OnnxExportError(

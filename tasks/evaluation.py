@@ -37,11 +37,11 @@ from slmops import eval_sets, gate, scorers, tags
 from slmops.config import WrapperKind
 from slmops.eval_sets import EvalItem, EvalSet
 from slmops.gate import Evaluation, GateDecision, ItemResult, summarize
+from slmops.processes import own_peak_rss_mb
 from slmops.refs import LoggedModelRef, ModelVersionRef
 from slmops.scorers import SCORER_OF, SCORERS, Check, score
 from slmops.store import ModelStore
 from tasks.caching import WhileResultIsLive, logged_model_exists, source_of
-from tasks.process_memory import own_peak_rss_mb
 from tasks.validation import ask_model, is_loaded, load_model, local_model_dir
 
 CHECK = TypeAdapter(Check)

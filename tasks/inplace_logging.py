@@ -21,7 +21,6 @@ with transformers 5 in MLflow 3.17.2 (`build_flavor_config_from_local_checkpoint
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from mlflow.models import Model
 
 from slmops.errors import ExplainedError
 from slmops.onnx_builder import checkpoint_bytes
-from tasks.process_memory import own_peak_rss_mb
+from slmops.processes import checkout_env, own_peak_rss_mb
 
 # Smaller checkpoints are saved in-process: the child's start-up (~5 s of imports) would cost
 # more than their weights keep.
@@ -85,12 +84,9 @@ def save_chat_pipeline(
         "model": {field: getattr(mlflow_model, field) for field in _MODEL_FIELDS},
         "save_kwargs": dict(save_kwargs),
     }
-    # `python -m tasks...` must import this very checkout, installed or not.
-    root = str(Path(__file__).resolve().parent.parent)
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.run(
         [sys.executable, "-m", "tasks.inplace_logging"], input=json.dumps(job),
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path}, check=False,
+        capture_output=True, text=True, env=checkout_env(), check=False,
     )  # fmt: skip
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
@@ -109,7 +105,7 @@ def _save_in_this_process() -> None:
         transformers_model=load_chat_pipeline(Path(job["snapshot_dir"])), path=job["target"],
         mlflow_model=Model(**job["model"]), **save_kwargs,
     )  # fmt: skip
-    with open(f"/proc/{os.getpid()}/io") as io:
+    with open("/proc/self/io") as io:
         written = int(next(line for line in io if line.startswith("wchar:")).split()[1])
     print(json.dumps({"written_mb": written / 1e6, "peak_rss_mb": own_peak_rss_mb()}))
 

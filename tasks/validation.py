@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from slmops.expectations import (
     sample_prompts,
     sample_row,
 )
+from slmops.processes import checkout_env, own_peak_rss_mb
 from slmops.refs import LoggedModelRef
 from slmops.reports import (
     OutputReport,
@@ -51,7 +51,6 @@ from slmops.reports import (
 from slmops.signatures import expected_signature, input_example, signature_diff
 from slmops.store import ModelStore
 from tasks.caching import WhileResultIsLive, logged_model_exists, run_exists, source_of
-from tasks.process_memory import own_peak_rss_mb
 
 VALIDATION_TAG = tags.VALIDATION
 
@@ -498,16 +497,12 @@ def check_model(request: ValidationRequest) -> ValidationReport:
 
 def _check_in_fresh_process(request: ValidationRequest) -> ValidationReport:
     """`check_model` in a new Python process (`python -m tasks.validation`)."""
-    repo_root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (repo_root, os.environ.get("PYTHONPATH", "")) if p
-    )}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="slmops-validate-") as scratch:
         given, found = Path(scratch) / "request.json", Path(scratch) / "report.json"
         given.write_text(request.model_dump_json())
         done = subprocess.run(
             [sys.executable, "-m", "tasks.validation", str(given), str(found)],
-            capture_output=True, text=True, check=False, env=env,
+            capture_output=True, text=True, check=False, env=checkout_env(),
         )  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-CHILD = "from tasks.process_memory import own_peak_rss_mb; print(own_peak_rss_mb())"
+CHILD = "from slmops.processes import own_peak_rss_mb; print(own_peak_rss_mb())"
 
 
 @pytest.mark.unit
