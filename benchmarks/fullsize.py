@@ -175,9 +175,7 @@ def eval_subset(config: dict[str, Any], items: int, folder: Path) -> Path:
     return path
 
 
-def release_config(
-    max_new_tokens: int, budget_gb: float | None, eval_set: Path | None = None
-) -> dict[str, Any]:
+def release_config(max_new_tokens: int, budget_gb: float | None) -> dict[str, Any]:
     """deployments/phi3-mini.yaml, pointed at the twin's repos, with the rehearsal's knobs."""
     from offline_kit.twin_model import TWIN_ONNX_REPO_ID, TWIN_REPO_ID
 
@@ -185,8 +183,6 @@ def release_config(
     config["hub"].update(repo_id=TWIN_REPO_ID, onnx_repo_id=TWIN_ONNX_REPO_ID)
     config["generation"]["max_new_tokens"] = max_new_tokens
     config["serve"]["memory_budget_gb"] = budget_gb
-    if eval_set is not None:
-        config["evaluation"]["eval_set"] = str(eval_set)
     # Random weights answer noise: the rehearsal measures cost, so no quality floor.
     config["gate"]["min_score"] = 0.0
     return config
@@ -286,9 +282,8 @@ def main(argv: list[str] | None = None) -> PartResult:
     rows = []
     with ReleaseSandbox("fullsize", keep=args.keep) as sandbox:
         config = release_config(args.max_new_tokens, args.budget_gb)
-        config = release_config(
-            args.max_new_tokens, args.budget_gb, eval_subset(config, args.eval_items, sandbox.root)
-        )
+        subset = eval_subset(config, args.eval_items, sandbox.root)
+        config["evaluation"]["eval_set"] = str(subset)
         release = Stage("release", ["-m", "flows.release", json.dumps(config)])
         rollback_config = {
             "kind": "chat-transformers", "version": 1, "reason": "rehearsal rollback",
