@@ -13,6 +13,7 @@ file `<servers_dir>/front-door.json`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -31,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict
 
+from slmops import onnx_genai_runtime
 from slmops.config import DEFAULT_REQUEST_TIMEOUT_S, ModelServerSpec, WrapperKind
 from slmops.onnx_genai_runtime import STREAM_PORT_VARIABLE
 from slmops.servers import (
@@ -46,7 +48,14 @@ from slmops.servers import (
     state_path,
     write_handle,
 )
-from slmops.serving_memory import SwitchPlan, expected_server_bytes, plan_switch
+from slmops.serving_memory import (
+    ServerSizing,
+    SwitchPlan,
+    onnx_server_sizing,
+    plan_switch,
+    transformers_server_sizing,
+    unknown_server_sizing,
+)
 from slmops.store import ModelStore
 
 HUB_TOKEN_VARIABLES = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
@@ -350,25 +359,81 @@ def local_model_folder(model_uri: str, store: ModelStore) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=location))
 
 
-def model_files_bytes(model_uri: str, store: ModelStore) -> int:
-    """Bytes of a model's files, the shared ONNX folder it references included.
-
-    For a local store this reads the stored folders in place (no download).
+def _model_files(model_uri: str, store: ModelStore) -> tuple[int, dict[str, Any], Path | None]:
+    """A model's bytes on disk (the shared ONNX folder it references included), its MLmodel,
+    and its ONNX folder if it has one. For a local store this reads the stored folders in place.
     """
     import mlflow
     import yaml
 
     folder = local_model_folder(model_uri, store)
     total = _folder_bytes(folder)
-    mlmodel = (
-        yaml.safe_load((folder / "MLmodel").read_text()) if (folder / "MLmodel").exists() else {}
-    )
-    pyfunc_conf = (mlmodel or {}).get("flavors", {}).get("python_function", {})
-    onnx_uri = (pyfunc_conf.get("config") or {}).get("onnx_model_uri")  # model_config
+    mlmodel_path = folder / "MLmodel"
+    mlmodel = (yaml.safe_load(mlmodel_path.read_text()) if mlmodel_path.exists() else None) or {}
+    pyfunc_conf = mlmodel.get("flavors", {}).get("python_function", {})
+    onnx_uri = (pyfunc_conf.get("config") or {}).get(onnx_genai_runtime.ONNX_URI_KEY)
+    own_onnx = (pyfunc_conf.get("artifacts") or {}).get(onnx_genai_runtime.ARTIFACT_KEY)
+    onnx_folder = None
     if onnx_uri:
-        shared = mlflow.artifacts.download_artifacts(artifact_uri=str(onnx_uri))
-        total += _folder_bytes(Path(shared))
-    return total
+        onnx_folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(onnx_uri)))
+        total += _folder_bytes(onnx_folder)
+    elif own_onnx and own_onnx.get("path"):
+        onnx_folder = folder / own_onnx["path"]
+    return total, mlmodel, onnx_folder
+
+
+def model_files_bytes(model_uri: str, store: ModelStore) -> int:
+    """Bytes of a model's files, the shared ONNX folder it references included."""
+    return _model_files(model_uri, store)[0]
+
+
+def model_server_sizing(model_uri: str, store: ModelStore) -> ServerSizing:
+    """What a server of `model_uri` may hold at full load: weights, process, key-value cache.
+
+    Read from the stored model: the ONNX wrappers' `genai_config.json`, key-value dtype (the
+    graph's first past-key input) and engine settings (`model_config`); the transformers
+    flavor's `config.json`.
+    """
+    files, mlmodel, onnx_folder = _model_files(model_uri, store)
+    genai_path = next(onnx_folder.rglob("genai_config.json"), None) if onnx_folder else None
+    if genai_path is not None:
+        genai_config = json.loads(genai_path.read_text())
+        model_config = mlmodel["flavors"]["python_function"].get("config") or {}
+        return onnx_server_sizing(
+            files,
+            genai_config,
+            _onnx_kv_dtype_bytes(genai_path.parent, genai_config),
+            int(model_config.get(onnx_genai_runtime.MAX_BATCH_SIZE_KEY)
+                or onnx_genai_runtime.DEFAULT_MAX_BATCH_SIZE),
+            int(model_config.get(onnx_genai_runtime.TOKEN_BUDGET_KEY)
+                or onnx_genai_runtime.DEFAULT_TOKEN_BUDGET),
+        )  # fmt: skip
+    if "transformers" in mlmodel.get("flavors", {}):
+        folder = local_model_folder(model_uri, store)
+        for candidate in sorted(folder.rglob("config.json")):
+            hf_config = json.loads(candidate.read_text())
+            if "num_hidden_layers" in hf_config or "text_config" in hf_config:
+                return transformers_server_sizing(files, hf_config)
+    return unknown_server_sizing(files)
+
+
+# ONNX tensor element types -> bytes (float, float16, bfloat16).
+_ONNX_ELEMENT_BYTES = {1: 4, 10: 2, 16: 2}
+
+
+def _onnx_kv_dtype_bytes(onnx_folder: Path, genai_config: dict[str, Any]) -> int:
+    """Bytes per key-value element: the type of the graph's first past-key input (CPU int4
+    builds keep fp32 inputs); 4 when the graph cannot be read."""
+    decoder = genai_config["model"]["decoder"]
+    past_key = str(decoder.get("inputs", {}).get("past_key_names", "past_key_values.%d.key"))
+    with contextlib.suppress(Exception):  # a graph onnx cannot read: count fp32
+        import onnx
+
+        graph = onnx.load(str(onnx_folder / decoder["filename"]), load_external_data=False).graph
+        for graph_input in graph.input:
+            if graph_input.name == past_key.replace("%d", "0"):
+                return _ONNX_ELEMENT_BYTES.get(graph_input.type.tensor_type.elem_type, 4)
+    return 4
 
 
 def process_tree_rss(pid: int) -> int:
@@ -398,21 +463,22 @@ def running_servers_rss(servers_dir: Path) -> dict[str, int]:
 def running_servers_footprint(
     servers_dir: Path, store: ModelStore, rss: dict[str, int] | None = None
 ) -> dict[str, int]:
-    """name -> what each running server may hold: max(measured RSS, its model's files).
+    """name -> what each running server may hold: max(measured RSS, its model's sizing).
 
     A server whose memory-mapped weights were evicted (under memory pressure, by a model loaded
-    beside it) reads small but pages them back on its next request.
+    beside it) reads small but pages them back on its next request; an idle ONNX server has
+    not yet reserved the key-value cache of a full batch.
     """
     rss = running_servers_rss(servers_dir) if rss is None else rss
     footprint = {}
     for name, measured in rss.items():
         handle = read_handle(servers_dir, name)
-        files = 0
+        sized = 0
         if handle is not None and handle.model_uri:
             # A model gone from the store is counted at its RSS.
             with contextlib.suppress(MlflowException, OSError):
-                files = model_files_bytes(handle.model_uri, store)
-        footprint[name] = max(measured, files)
+                sized = model_server_sizing(handle.model_uri, store).expected_bytes
+        footprint[name] = max(measured, sized)
     return footprint
 
 
@@ -427,13 +493,14 @@ def plan_server_switch(
     rss = running_servers_rss(servers_dir)
     footprint = running_servers_footprint(servers_dir, store, rss)
     try:
-        files = model_files_bytes(model_uri, store)
+        sizing = model_server_sizing(model_uri, store)
     except MlflowException as error:  # before starting anything: the old server stays
         raise ServingError(f"{name}: cannot serve {model_uri}: {error.message}") from error
     return plan_switch(
         running_bytes=sum(footprint.values()),
         replaced_bytes=footprint.get(name, 0),
-        new_bytes=expected_server_bytes(files),
+        new_bytes=sizing.expected_bytes,
+        new_sizing=sizing,
         available_bytes=int(psutil.virtual_memory().available),
         budget_bytes=int(budget_gb * 1e9) if budget_gb is not None else None,  # GB, as named
         measured_bytes=sum(rss.values()),

@@ -47,7 +47,13 @@ from slmops.onnx_builder import (
     predicted_peak_bytes,
     run_within_memory,
 )
-from slmops.serving_memory import expected_server_bytes, plan_switch
+from slmops.serving_memory import (
+    kv_bytes_per_token,
+    onnx_server_sizing,
+    plan_switch,
+    transformers_server_sizing,
+    unknown_server_sizing,
+)
 from slmops.store import ModelStore
 from tests.conftest import EMBEDDED_CACHE
 
@@ -175,7 +181,7 @@ def test_a_server_whose_weights_were_evicted_counts_at_its_models_size():
     # beside it; counted at its files (7.1 GiB) it fits only once the old one is stopped.
     rss, files = 0.6 * GIB, 7.1 * GIB
     onnx = 2 * 3.5 * GIB
-    new = expected_server_bytes(int(files))
+    new = unknown_server_sizing(int(files)).expected_bytes
     plan = plan_switch(
         running_bytes=int(max(rss, files) + onnx), replaced_bytes=int(max(rss, files)),
         new_bytes=new, available_bytes=14 * GIB, budget_bytes=20 * 10**9,
@@ -199,6 +205,69 @@ def test_switch_stops_first_when_the_machine_cannot_hold_both():
         available_bytes=4 * GIB, budget_bytes=None,
     )  # fmt: skip
     assert plan.order == "stop-first" and plan.gap_bytes == 4 * GIB
+
+
+# Phi-3-mini's int4 CPU build, as its genai_config.json describes the decoder.
+PHI3_GENAI_CONFIG = {
+    "model": {
+        "context_length": 4096,
+        "decoder": {"head_size": 96, "num_attention_heads": 32, "num_hidden_layers": 32,
+                    "num_key_value_heads": 32},
+    }
+}  # fmt: skip
+
+
+@pytest.mark.unit
+def test_an_onnx_server_is_sized_with_a_full_batch_of_key_value_caches():
+    # Measured on the 32-layer twin (fresh process, 4 concurrent short turns): a loaded 3.48 GB
+    # grew to 9.96 GB at 4 x 2048 tokens; 1 x 2048: +1.62 GB; 4 x 512: +1.65 GB.
+    sizing = onnx_server_sizing(2_722_861_056, PHI3_GENAI_CONFIG, 4, 4, 2048)
+    assert sizing.kv_bytes_per_token == 786_432  # fp32 key and value, 32 layers x 32 heads x 96
+    assert sizing.kv_bytes == 4 * 2048 * 786_432  # 6.44 GB
+    assert sizing.expected_bytes > 3.48e9 + 6.44e9
+    # A budget past the model's context is capped at it, as OnnxGenerator caps it.
+    assert onnx_server_sizing(1, PHI3_GENAI_CONFIG, 4, 1, 8192).kv_tokens_per_turn == 4096
+    assert "KV cache 6.00 GiB (4 x 2048 tokens x 768 KiB)" in sizing.describe()
+
+
+@pytest.mark.unit
+def test_a_transformers_server_is_sized_with_one_turn_of_its_context_in_its_dtype():
+    sizing = transformers_server_sizing(7_642_181_880, twin_config(32))
+    assert sizing.kv_bytes_per_token == kv_bytes_per_token(32, 32, 96, 2) == 393_216  # bf16
+    assert sizing.kv_bytes == 4096 * 393_216
+    assert sizing.weights_bytes == 7_642_181_880  # mapped 1:1 (7.7 GB RSS measured)
+
+
+@pytest.mark.integration
+def test_the_onnx_engine_reserves_what_the_sizing_counts(twin):
+    """The law the sizing rests on, measured: each turn in the engine's batch reserves its whole
+    token budget of key-value cache at its first step, whatever its length."""
+    onnx_dir = twin.onnx_repo_dir / PHI3_ONNX_INT4_SUBFOLDER
+    probe = (
+        "import json, sys, psutil\n"
+        "from slmops.onnx_genai_runtime import OnnxGenerator, TurnSpec\n"
+        "me = psutil.Process()\n"
+        "g = OnnxGenerator(__import__('pathlib').Path(sys.argv[1]), max_batch_size=4, "
+        "token_budget=2048)\n"
+        "before = me.memory_info().rss\n"
+        "turns = g.submit_many([TurnSpec(g.encode('Hello there'), 4, min_new_tokens=4)] * 4)\n"
+        "assert all(len(list(t)) == 4 for t in turns)\n"
+        "print(json.dumps({'grew': me.memory_info().rss - before, "
+        "'batch': g.engine.largest_batch}))\n"
+    )
+    from slmops.processes import checkout_env
+
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(onnx_dir)], env=checkout_env(),
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    genai_config = json.loads((onnx_dir / "genai_config.json").read_text())
+    sizing = onnx_server_sizing(0, genai_config, 4, 4, 2048)
+    assert measured["batch"] == 4
+    # One layer: 4 x 2048 x 24 KiB = 201 MB reserved, plus ~25 MB of the step's own buffers
+    # (measured 229 MB), which the server's base allowance covers.
+    assert 0.95 * sizing.kv_bytes <= measured["grew"] <= sizing.kv_bytes + 64e6
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +369,7 @@ def test_a_switch_that_cannot_fit_beside_the_old_server_stops_it_first(twin_rele
     from tasks.serving import (
         ServingError,
         is_running,
-        model_files_bytes,
+        model_server_sizing,
         running_servers_footprint,
         serve_model,
         status_of,
@@ -313,7 +382,7 @@ def test_a_switch_that_cannot_fit_beside_the_old_server_stops_it_first(twin_rele
     old = status_of(settings.servers_dir, name).handle
     assert old is not None
     running = running_servers_footprint(settings.servers_dir, store)
-    new_bytes = expected_server_bytes(model_files_bytes(outcome.model_uri, store))
+    new_bytes = model_server_sizing(outcome.model_uri, store).expected_bytes
     without_old = sum(running.values()) - running[name] + new_bytes
     serve = serve_model.with_options(retries=0)
     spec = ModelServerSpec(
@@ -376,11 +445,10 @@ def test_logging_writes_each_models_bytes_once(twin, fresh_store):
 
 @pytest.mark.e2e
 def test_validating_a_new_version_that_cannot_fit_stops_its_old_server_first(twin_release):
-    from slmops.serving_memory import expected_server_bytes
     from tasks.mlflow_models import log_onnx_prompt_model
     from tasks.serving import (
         make_room_for_model,
-        model_files_bytes,
+        model_server_sizing,
         running_servers_footprint,
         status_of,
     )
@@ -403,7 +471,7 @@ def test_validating_a_new_version_that_cannot_fit_stops_its_old_server_first(twi
         conf["onnx_model_uri"],
     )  # fmt: skip
     running = running_servers_footprint(settings.servers_dir, store)
-    need = expected_server_bytes(model_files_bytes(new.model_uri, store))
+    need = model_server_sizing(new.model_uri, store).expected_bytes
     room = make_room_for_model(
         new.model_uri, name, settings.servers_dir, store,
         (sum(running.values()) - running[name] + need + GIB // 8) / 1e9,
@@ -445,6 +513,35 @@ def test_the_fit_check_before_promoting_measures_without_stopping(twin_release):
         plan = check_serving_fits.fn(other, name, settings.servers_dir, store, 0.001)
     assert plan is not None and plan.order == "refuse"
     assert status_of(settings.servers_dir, name).state == "serving"  # only measured
+
+
+@pytest.mark.e2e
+def test_served_models_are_sized_from_their_stored_files_and_settings(twin_release):
+    from tasks.serving import model_files_bytes, model_server_sizing, running_servers_footprint
+
+    settings, config, report = twin_release
+    store = ModelStore.from_settings(settings)
+    generation = config.generation
+    footprint = running_servers_footprint(settings.servers_dir, store)
+    for outcome in report.outcomes:
+        sizing = model_server_sizing(outcome.model_uri, store)
+        assert sizing.files_bytes == model_files_bytes(outcome.model_uri, store)
+        if outcome.kind is WrapperKind.CHAT_TRANSFORMERS:
+            assert sizing.runtime == "transformers"
+            # bf16 (the checkpoint's dtype), one layer, the full context of 4096.
+            assert (sizing.kv_bytes_per_token, sizing.kv_turns) == (12_288, 1)
+            assert sizing.kv_tokens_per_turn == 4096
+        else:
+            assert sizing.runtime == "onnxruntime-genai"
+            # fp32, read from the graph's inputs; the engine settings from the model_config.
+            assert sizing.kv_bytes_per_token == 24_576
+            assert sizing.kv_turns == generation.engine_max_batch_size
+            assert sizing.kv_tokens_per_turn == generation.engine_token_budget
+        # An idle server has not reserved its batch's cache: counted at its sizing. (Earlier
+        # tests of this module stop some servers.)
+        if outcome.registered_model in footprint:
+            assert footprint[outcome.registered_model] >= sizing.expected_bytes
+    assert footprint.keys() & {o.registered_model for o in report.outcomes}
 
 
 @pytest.mark.e2e
