@@ -9,7 +9,10 @@ own SLMOPS_HOME and PREFECT_HOME), in four stages:
 2. `cached`: the same release again (nothing should be fetched, exported or logged);
 3. `new-commit`: a release of a changed commit (the twin with other weights), so that every
    server is switched to a new version;
-4. `rollback`: chat-transformers back to version 1.
+4. `rollback`: chat-transformers back to version 1;
+5. `prune`: the `prune` flow keeping the newest released version of each model (`keep_last:
+   1`), so that at this size it deletes something: the ONNX wrappers' version 1 and their
+   shared ONNX folder; transformers v1 is Production again (rolled back) and v2 the newest.
 
 Per stage: wall time (and the flow run's and its tasks' seconds, from the Prefect server), the
 peak RSS of the flow process tree, of the flow process alone (a model loaded to validate or
@@ -271,7 +274,8 @@ def main(argv: list[str] | None = None) -> PartResult:
         "--stop-after",
         choices=("cached", "rollback"),
         default="rollback",
-        help="cached: only the first release, cold and cached (about half the time)",
+        help="cached: only the first release, cold and cached (about half the time); "
+        "rollback: all stages (prune included)",
     )
     args = parser.parse_args(argv)
 
@@ -295,6 +299,11 @@ def main(argv: list[str] | None = None) -> PartResult:
              "RollbackConfig; rollback(RollbackConfig.model_validate_json(sys.argv[1]))",
              json.dumps(rollback_config)],
         )  # fmt: skip
+        prune = Stage(
+            "prune",
+            ["-m", "flows.prune", json.dumps({"registry": config["registry"], "keep_last": 1,
+                                              "reason": "rehearsal retention"})],
+        )  # fmt: skip
         # A persistent Prefect server, as deployments use: no stage pays for starting (and
         # migrating the database of) a temporary one.
         sandbox.env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
@@ -309,7 +318,7 @@ def main(argv: list[str] | None = None) -> PartResult:
                     shutil.rmtree(folder, ignore_errors=True)
         if args.stop_after == "rollback":
             with FakeHub(second.as_hub_repos()) as hub:
-                for stage in (Stage("new-commit", release.argv), rollback):
+                for stage in (Stage("new-commit", release.argv), rollback, prune):
                     rows.append(run_stage(sandbox, stage, hub.endpoint))
                     print(json.dumps(rows[-1]), flush=True)
         stored = _folder_bytes(sandbox.home)
