@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.int4_sweep import read_bandwidth
 from benchmarks.recording import Metric, PartResult, write_results
-from benchmarks.serving_engine import _run_turns, step_bytes
+from benchmarks.serving_engine import step_bytes
 
 BATCH_SIZES = (1, 2, 4)
+PROMPT = "Explain machine learning in a few words."
 GB = 1e9
 
 
@@ -46,40 +48,82 @@ def twin_int4_dir() -> Path:
     return twin.onnx_repo_dir / PHI3_ONNX_INT4_SUBFOLDER
 
 
+def _token_gaps(generator: Any, specs: list[Any]) -> tuple[float, list[float]]:
+    """Submit `specs` at once; wall seconds and every gap between two tokens of one turn (a
+    turn's prefill, before its first token, is left out)."""
+    turns = generator.submit_many(specs)
+    gaps: list[list[float]] = [[] for _ in turns]
+
+    def drain(index: int) -> None:
+        last = None
+        for _ in turns[index]:
+            now = time.perf_counter()
+            if last is not None:
+                gaps[index].append(now - last)
+            last = now
+
+    t0 = time.perf_counter()
+    readers = [threading.Thread(target=drain, args=(i,)) for i in range(len(turns))]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    return time.perf_counter() - t0, [g for turn in gaps for g in turn]
+
+
 def measure(onnx_dir: Path, tokens: int, turns: int) -> list[dict[str, Any]]:
-    """Per batch size: `turns` turns of exactly `tokens` new tokens, submitted at once."""
+    """Per batch size: `turns` turns of exactly `tokens` new tokens, submitted at once; a step
+    is the median gap between two tokens of a turn (every turn of a batch gets one per step).
+    Then one turn alone through `OnnxGenerator.generate` (onnxruntime-genai's Generator, as
+    `benchmarks.int4_sweep` times it), to compare the engine's batch-1 step with it."""
     from slmops.onnx_genai_runtime import OnnxGenerator, TurnSpec
 
     rows = []
     for batch in BATCH_SIZES:
         generator = OnnxGenerator(onnx_dir, max_batch_size=batch, token_budget=256)
-        prompt = generator.encode("Explain machine learning in a few words.")
+        prompt = generator.encode(PROMPT)
         specs = [TurnSpec(prompt, tokens, min_new_tokens=tokens) for _ in range(turns)]
-        _run_turns(generator, specs[:batch])  # warm-up: first-run allocations
-        runs = []
-        for _ in range(2):
-            wall, made, _ = _run_turns(generator, specs)
-            runs.append((wall, made))
-        wall, made = min(runs)  # other work on the shared cores only slows a run down
-        steps = made / batch  # every step generates one token per turn in the batch
+        _token_gaps(generator, specs[:batch])  # warm-up: first-run allocations
+        wall, gaps = _token_gaps(generator, specs)
+        step = statistics.median(gaps)
         rows.append(
             {
+                "path": "og.Engine (SharedEngine)",
                 "batch": batch,
                 "largest batch seen": generator.engine.largest_batch,
-                "tokens": made,
+                "tokens": turns * tokens,
                 "wall_s": round(wall, 2),
-                "tokens/s": round(made / wall, 2),
-                "ms per step": round(1000 * wall / steps, 1),
+                "tokens/s": round(turns * tokens / wall, 2),
+                "ms per step": round(1000 * step, 1),
             }
         )
+        if batch == 1:
+            stamps: list[float] = []
+            started = time.perf_counter()
+            generator.generate(
+                prompt, tokens, stop=lambda _: bool(stamps.append(time.perf_counter()))
+            )
+            steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+            rows.append(
+                {
+                    "path": "og.Generator (generate)",
+                    "batch": 1,
+                    "largest batch seen": 1,
+                    "tokens": tokens,
+                    "wall_s": round(time.perf_counter() - started, 2),
+                    "tokens/s": round(tokens / (time.perf_counter() - started), 2),
+                    "ms per step": round(1000 * statistics.median(steps), 1),
+                }
+            )
         del generator
     return rows
 
 
 def split_step(rows: list[dict[str, Any]]) -> tuple[float, float]:
     """(ms per step paid once, ms per turn in the step): least squares over the batch sizes."""
-    xs = [float(r["batch"]) for r in rows]
-    ys = [float(r["ms per step"]) for r in rows]
+    engine = [r for r in rows if r["path"].startswith("og.Engine")]
+    xs = [float(r["batch"]) for r in engine]
+    ys = [float(r["ms per step"]) for r in engine]
     mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum(
         (x - mean_x) ** 2 for x in xs
@@ -97,7 +141,7 @@ def main(argv: list[str] | None = None) -> PartResult:
     started = time.perf_counter()
     onnx_dir = twin_int4_dir()
     bandwidth = read_bandwidth(2)["best"] / GB
-    read_per_step, _ = step_bytes(onnx_dir)
+    _, read_per_step = step_bytes(onnx_dir)
     roofline_ms = 1000 * read_per_step / (bandwidth * GB)
     rows = measure(onnx_dir, args.tokens, args.turns)
     once_ms, per_turn_ms = split_step(rows)
