@@ -141,6 +141,10 @@ class GenerationSpec(Spec):
     # measured best of 1, 2, 4 (benchmarks.serving_engine; README "Measured").
     engine_max_batch_size: int = Field(default=4, ge=1, le=64)
     engine_token_budget: int = Field(default=2048, ge=16)
+    # onnxruntime's threads per step; None: one per core the server may run on, decided where
+    # the model is loaded (onnxruntime-genai's own default ran one thread on 2 cores, 1.5x
+    # slower per token: slmops.onnx_genai_runtime).
+    engine_threads: int | None = Field(default=None, ge=1, le=256)
 
     @property
     def do_sample(self) -> bool:

@@ -359,6 +359,8 @@ def _log_onnx_pyfunc(
         onnx_genai_runtime.MAX_BATCH_SIZE_KEY: generation.engine_max_batch_size,
         onnx_genai_runtime.TOKEN_BUDGET_KEY: generation.engine_token_budget,
     }
+    if generation.engine_threads is not None:  # else decided where the model is loaded
+        model_config[onnx_genai_runtime.THREADS_KEY] = generation.engine_threads
     if kind is WrapperKind.CHAT_ONNX:
         model_config["model_name"] = _check_source(source)["repo"]
     if onnx_artifact_uri:

@@ -407,6 +407,52 @@ def test_the_rows_of_one_request_are_generated_in_one_batch(tiny_onnx_int4_dir):
     assert engine.max_batch_size == 3 and engine.largest_batch == 3
 
 
+_THREADS_PROBE = """
+import sys, psutil
+from pathlib import Path
+from slmops.onnx_genai_runtime import OnnxGenerator
+threads = None if sys.argv[2] == "unset" else int(sys.argv[2])
+generator = OnnxGenerator(Path(sys.argv[1]), threads=threads)
+generator.generate(generator.encode("Hello"), 2)
+print(generator.threads, psutil.Process().num_threads())
+"""
+
+
+def _threads_in_a_fresh_process(onnx_dir: Path, threads: str) -> tuple[int, int]:
+    """(the generator's threads setting, the process's OS threads once it generated)."""
+    import subprocess
+    import sys
+
+    from slmops.processes import checkout_env
+
+    out = subprocess.run(
+        [sys.executable, "-c", _THREADS_PROBE, str(onnx_dir), threads],
+        env=checkout_env(), capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    setting, os_threads = out.stdout.split()[-2:]
+    return int(setting), int(os_threads)
+
+
+@pytest.mark.integration
+def test_onnxruntime_gets_the_intra_op_threads_asked_for(tiny_onnx_int4_dir, tmp_path):
+    from slmops.onnx_genai_runtime import available_cores
+
+    # onnxruntime starts one pool thread per intra-op thread beyond the caller's.
+    one, three = (_threads_in_a_fresh_process(tiny_onnx_int4_dir, n) for n in ("1", "3"))
+    assert (one[0], three[0]) == (1, 3)
+    assert three[1] - one[1] == 2
+    # Unset: one per core this process may run on (onnxruntime-genai alone ran one on 2 cores).
+    unset = _threads_in_a_fresh_process(tiny_onnx_int4_dir, "unset")
+    assert unset[0] == available_cores() and unset[1] - one[1] == available_cores() - 1
+    # A folder whose genai_config sets its own count keeps it.
+    folder = tmp_path / "own-threads"
+    shutil.copytree(tiny_onnx_int4_dir, folder)
+    config = json.loads((folder / GENAI_CONFIG).read_text())
+    config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = 3
+    (folder / GENAI_CONFIG).write_text(json.dumps(config))
+    assert _threads_in_a_fresh_process(folder, "unset") == three
+
+
 @pytest.mark.integration
 def test_a_streamed_completion_joins_to_the_whole_one(chat_model):
     request = _ask(SPAIN, max_tokens=32)
