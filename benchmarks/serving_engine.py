@@ -9,7 +9,8 @@ ends early anyway), greedy, the same chat prompts:
 - served: the model logged as the ONNX chat pyfunc with the project's task, `mlflow models
   serve` (`tasks.serving.launch_server`, which gives it its token-stream port) and the front
   door (`tasks.serving.serve_front_door`), called over HTTP by 1, 4 and 16 clients, streamed
-  and not: aggregate tokens/s, p50/p99 latency, time to the first streamed content.
+  and not: aggregate tokens/s, p50/p99 latency, time to the first streamed content, and the
+  engine steps each load took by batch size (from the model server's engine health).
 - time to first token: while the model is served, each question in turn through the front door
   (one client, streamed) and on a raw engine in this process (its first token: prefill + one
   token; its first text: what a stream can send first), alternating which goes first, so that
@@ -163,6 +164,7 @@ def _raw_firsts(generator: Any, ids: list[int], tokens: int) -> tuple[float, flo
 class Served:
     door_url: str
     model_url: str
+    engine_health_url: str  # the model server's engine: turns in flight, steps by batch size
 
 
 @contextlib.contextmanager
@@ -171,6 +173,7 @@ def serving(tokens: int) -> Iterator[Served]:
     front door; both stopped (and their temp store removed) on exit."""
     from prefect.logging import disable_run_logger
 
+    from slmops.onnx_genai_runtime import STREAM_PATH
     from slmops.servers import write_handle
     from slmops.store import ModelStore
     from tasks.serving import _free_port, launch_server, serve_front_door, terminate
@@ -190,7 +193,9 @@ def serving(tokens: int) -> Iterator[Served]:
         with disable_run_logger():
             door = serve_front_door.fn(servers, "127.0.0.1", None, 120.0)
         handles.append(door)
-        yield Served(door_url=door.url, model_url=handle.url)
+        assert handle.stream_url is not None
+        health_url = handle.stream_url.removesuffix(STREAM_PATH) + "/health"
+        yield Served(door_url=door.url, model_url=handle.url, engine_health_url=health_url)
     finally:
         for started in reversed(handles):
             terminate(started)
@@ -239,6 +244,25 @@ def _ask(client: httpx.Client, url: str, question: str, tokens: int, stream: boo
         return Answer(time.perf_counter() - t0, used, first)
     except httpx.HTTPError as error:
         return Answer(time.perf_counter() - t0, 0, None, type(error).__name__)
+
+
+def _engine_steps(served: Served) -> dict[str, int]:
+    """The served engine's steps so far, by how many turns each generated for."""
+    steps = httpx.get(served.engine_health_url, timeout=30).json().get("steps_by_batch", {})
+    return {str(k): int(v) for k, v in steps.items()}
+
+
+def served_load(
+    served: Served, clients: int, requests: int, tokens: int, stream: bool
+) -> dict[str, Any]:
+    """`load` through the front door, with the engine steps it took by batch size (a wave
+    that started short shows as steps below the engine's batch)."""
+    before = _engine_steps(served)
+    row = load(served.door_url, clients, requests, tokens, stream)
+    after = _engine_steps(served)
+    taken = {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
+    row["engine steps by batch"] = " ".join(f"{k}:{v}" for k, v in sorted(taken.items()))
+    return row
 
 
 def load(url: str, clients: int, requests: int, tokens: int, stream: bool) -> dict[str, Any]:
@@ -406,7 +430,7 @@ def run(quick: bool = False, tokens: int | None = None) -> PartResult:
         for stream in (False, True):
             for clients in levels:
                 rows.append(
-                    load(served.door_url, clients, clients * per_client[clients], tokens, stream)
+                    served_load(served, clients, clients * per_client[clients], tokens, stream)
                 )
         firsts = measure_first_tokens(
             model.onnx_int4_dir, served.door_url, tokens, 2 if quick else 4

@@ -39,6 +39,7 @@ from slmops.config import (
     WrapperKind,
 )
 from slmops.front_door import FrontDoorSettings, create_app
+from slmops.onnx_genai_runtime import DEFAULT_MAX_BATCH_SIZE
 from slmops.servers import FRONT_DOOR, ServerHandle, answer_text, write_handle
 from tasks.mlflow_models import log_onnx_chat_model
 from tasks.registry import register_version
@@ -379,6 +380,37 @@ def test_a_full_queue_is_a_429_with_retry_after(tmp_path):
     assert errors == {"slmops_request_errors_total": 1.0}
     # The other model has its own slots.
     assert fake.client.chat.completions.create(model=CHAT_ONNX, messages=messages).choices
+
+
+@pytest.mark.unit
+def test_by_default_two_engine_batches_reach_a_model_and_the_rest_wait(tmp_path):
+    # The ONNX engine generates in waves of DEFAULT_MAX_BATCH_SIZE: with a second batch already
+    # inside it, the next wave starts full when one ends (test_onnx_models shows that side).
+    assert FrontDoorSettings().max_concurrency == 2 * DEFAULT_MAX_BATCH_SIZE
+    fake = _streaming_fake(tmp_path)
+    release = threading.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return httpx.Response(200, json=[completion()])
+
+    fake.upstream.replies[5001] = slow
+    messages = [{"role": "user", "content": SPAIN}]
+    # One event loop for all the requests (the gate's slots are an asyncio.Condition).
+    with fake.http, ThreadPoolExecutor(9) as pool:
+        answers = [
+            pool.submit(
+                fake.client.chat.completions.create, model=CHAT_TRANSFORMERS, messages=messages
+            )
+            for _ in range(9)
+        ]
+        while not _samples(fake.http, "slmops_queue_depth", 1.0):
+            time.sleep(0.01)
+        in_flight = _samples(fake.http, "slmops_in_flight")
+        release.set()
+        assert all(a.result().choices[0].message.content.endswith("Madrid.") for a in answers)
+    assert in_flight == {"slmops_in_flight": 2.0 * DEFAULT_MAX_BATCH_SIZE}
 
 
 @pytest.mark.unit

@@ -16,7 +16,7 @@ from offline_kit.tiny_model import TRAINED_ANSWERS, chat_prompt
 from slmops.config import OnnxExportSpec
 from slmops.onnx_builder import GENAI_CONFIG, OnnxExportError
 from slmops.onnx_chat_model import OnnxChatModel, requests_from_input
-from slmops.onnx_genai_runtime import TextStream, TextTurn, TurnSpec
+from slmops.onnx_genai_runtime import OnnxGenerator, TextStream, TextTurn, TurnSpec
 from slmops.onnx_prompt_model import ARTIFACT_KEY, OnnxPromptModel, prompts_from_input
 from tasks.onnx_export import export_dir, export_onnx, validate_onnx_folder
 
@@ -451,6 +451,20 @@ def test_onnxruntime_gets_the_intra_op_threads_asked_for(tiny_onnx_int4_dir, tmp
     config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = 3
     (folder / GENAI_CONFIG).write_text(json.dumps(config))
     assert _threads_in_a_fresh_process(folder, "unset") == three
+
+
+@pytest.mark.integration
+def test_turns_waiting_in_the_engine_start_as_one_wave_when_a_wave_ends(tiny_onnx_int4_dir):
+    # onnxruntime-genai's CPU engine batches in waves; turns that reach it while one generates
+    # (the front door keeps a second batch in flight for this) must all start the next wave.
+    generator = OnnxGenerator(tiny_onnx_int4_dir, max_batch_size=4)
+    fixed = TurnSpec(generator.encode(chat_prompt(SPAIN)), 200, min_new_tokens=200)
+    first = generator.submit_many([fixed] * 4)
+    next(iter(first[0]))  # the first wave is generating
+    second = [turn for _ in range(4) for turn in generator.submit_many([fixed])]  # one by one
+    for turn in first + second:
+        list(turn)
+    assert generator.engine.health()["steps_by_batch"] == {"4": 400}
 
 
 @pytest.mark.integration
