@@ -100,9 +100,12 @@ def measure(onnx_dir: Path, tokens: int, turns: int) -> list[dict[str, Any]]:
         if batch == 1:
             stamps: list[float] = []
             started = time.perf_counter()
-            generator.generate(
-                prompt, tokens, stop=lambda _: bool(stamps.append(time.perf_counter()))
-            )
+
+            def stamp(_: list[int], stamps: list[float] = stamps) -> bool:
+                stamps.append(time.perf_counter())
+                return False
+
+            generator.generate(prompt, tokens, stop=stamp)
             steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
             rows.append(
                 {
