@@ -103,7 +103,10 @@ def _deployment() -> Path:
 
 
 def log_midsize(
-    store: ModelStore, kind: WrapperKind, max_new_tokens: int = MIDSIZE_MAX_NEW_TOKENS
+    store: ModelStore,
+    kind: WrapperKind,
+    max_new_tokens: int = MIDSIZE_MAX_NEW_TOKENS,
+    engine_threads: int | None = None,
 ) -> str:
     """Log the mid-size model as `kind` with the project's task; return its model URI."""
     from prefect.logging import disable_run_logger
@@ -112,7 +115,7 @@ def log_midsize(
     from tasks.mlflow_models import log_chat_pipeline, log_onnx_chat_model, log_onnx_prompt_model
 
     model = ensure_midsize()
-    generation = GenerationSpec(max_new_tokens=max_new_tokens)
+    generation = GenerationSpec(max_new_tokens=max_new_tokens, engine_threads=engine_threads)
     source = {"repo_id": "slmops-bench/phi3-mid", "commit": "0" * 40}
     with disable_run_logger():
         if kind is WrapperKind.CHAT_TRANSFORMERS:

@@ -91,7 +91,11 @@ def _run_turns(generator: Any, specs: Sequence[Any]) -> tuple[float, int, list[f
 
 
 def measure_raw(
-    onnx_dir: Path, tokens: int, repeats: int, batch_sizes: Sequence[int] = BATCH_SIZES
+    onnx_dir: Path,
+    tokens: int,
+    repeats: int,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Raw ceilings per batch size, one turn alone and prefill + one token (batch size 4)."""
     from slmops.onnx_genai_runtime import OnnxGenerator, TurnSpec
@@ -99,7 +103,7 @@ def measure_raw(
     sweep = []
     single: dict[str, Any] = {}
     for batch in batch_sizes:
-        generator = OnnxGenerator(onnx_dir, max_batch_size=batch)
+        generator = OnnxGenerator(onnx_dir, max_batch_size=batch, threads=threads)
         prompts = _prompts(generator)
         specs = [
             TurnSpec(prompts[i % len(prompts)], tokens, min_new_tokens=tokens)
@@ -168,7 +172,7 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(tokens: int) -> Iterator[Served]:
+def serving(tokens: int, threads: int | None = None) -> Iterator[Served]:
     """The mid-size model as the ONNX chat pyfunc, served with its token stream, behind the
     front door; both stopped (and their temp store removed) on exit."""
     from prefect.logging import disable_run_logger
@@ -183,7 +187,7 @@ def serving(tokens: int) -> Iterator[Served]:
     store = ModelStore(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     handles = []
     try:
-        uri = log_midsize(store, WrapperKind.CHAT_ONNX, tokens)
+        uri = log_midsize(store, WrapperKind.CHAT_ONNX, tokens, engine_threads=threads)
         handle = launch_server(
             uri, MODEL_NAME, WrapperKind.CHAT_ONNX, "127.0.0.1", _free_port("127.0.0.1"),
             servers, store, 300.0,
@@ -311,14 +315,16 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(1000 * seconds, 1)
 
 
-def measure_first_tokens(onnx_dir: Path, url: str, tokens: int, rounds: int) -> list[dict]:
+def measure_first_tokens(
+    onnx_dir: Path, url: str, tokens: int, rounds: int, threads: int | None = None
+) -> list[dict]:
     """Each question `rounds` times, streamed through the front door at `url` (one client, one
     request at a time) and on a raw engine in this process: one sample per (round, question),
     raw first in even rounds and served first in odd ones (the first after the other side pays
     for the caches it left cold)."""
     from slmops.onnx_genai_runtime import OnnxGenerator
 
-    generator = OnnxGenerator(onnx_dir)
+    generator = OnnxGenerator(onnx_dir, threads=threads)
     prompts = _prompts(generator)
     _raw_firsts(generator, prompts[0], tokens)  # warm-up
     client = httpx.Client(timeout=CLIENT_TIMEOUT_S)
@@ -407,7 +413,7 @@ def step_bytes(onnx_dir: Path) -> tuple[int, int]:
 # --- the part ---------------------------------------------------------------------------------
 
 
-def run(quick: bool = False, tokens: int | None = None) -> PartResult:
+def run(quick: bool = False, tokens: int | None = None, threads: int | None = None) -> PartResult:
     from benchmarks.midsize import ensure_midsize
 
     result = PartResult(
@@ -421,11 +427,11 @@ def run(quick: bool = False, tokens: int | None = None) -> PartResult:
     repeats = 1 if quick else 3
     model = ensure_midsize()
     bandwidth = memory_bandwidth()
-    raw = measure_raw(model.onnx_int4_dir, tokens, repeats)
+    raw = measure_raw(model.onnx_int4_dir, tokens, repeats, threads=threads)
     levels = (1, 4, 16)
     per_client = {1: 2 if quick else 4, 4: 2 if quick else 3, 16: 1 if quick else 2}
     rows: list[dict[str, Any]] = []
-    with serving(tokens) as served:
+    with serving(tokens, threads) as served:
         load(served.door_url, 1, 1, tokens, stream=True)  # warm-up
         for stream in (False, True):
             for clients in levels:
@@ -433,10 +439,10 @@ def run(quick: bool = False, tokens: int | None = None) -> PartResult:
                     served_load(served, clients, clients * per_client[clients], tokens, stream)
                 )
         firsts = measure_first_tokens(
-            model.onnx_int4_dir, served.door_url, tokens, 2 if quick else 4
+            model.onnx_int4_dir, served.door_url, tokens, 2 if quick else 4, threads
         )
     # The raw ceiling once more, after the served runs: the machine is shared.
-    raw_after = measure_raw(model.onnx_int4_dir, tokens, 1, (max(BATCH_SIZES),))
+    raw_after = measure_raw(model.onnx_int4_dir, tokens, 1, (max(BATCH_SIZES),), threads)
     load_end = [round(x, 2) for x in os.getloadavg()]
     wall_s = time.perf_counter() - t0
 
@@ -506,6 +512,7 @@ def run(quick: bool = False, tokens: int | None = None) -> PartResult:
     )
     result.tables["roofline"] = roofline(model.onnx_int4_dir, bandwidth, sweep, single)
     result.details = {
+        "engine_threads": threads or "one per core",
         "tokens_per_request": tokens,
         "ceiling_turns": CEILING_TURNS,
         "repeats": repeats,
@@ -560,8 +567,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 tokens, one repeat")
     parser.add_argument("--tokens", type=int, default=None, help="tokens per request")
+    parser.add_argument(
+        "--engine-threads", type=int, default=None,
+        help="onnxruntime intra-op threads, raw and served (default: one per core)",
+    )  # fmt: skip
     args = parser.parse_args()
-    result = run(quick=args.quick, tokens=args.tokens)
+    result = run(quick=args.quick, tokens=args.tokens, threads=args.engine_threads)
     print(write_results(result).with_suffix(".md").read_text())
 
 
