@@ -29,7 +29,8 @@ token stream (it would need a second copy of the model in the server): `stream: 
 whole answer as chunks, with the header `X-Slmops-Streaming: whole-answer` (token streams say
 `tokens`).
 
-Limits, per served model: `max_concurrency` requests in flight and `max_queue` waiting; past
+Limits, per served model: `max_concurrency` requests in flight (`max_concurrency_without_stream`
+for a model without a token stream) and `max_queue` waiting; past
 that, 429 with `Retry-After`. Each request has a deadline (`deadline_s`, queueing included):
 past it, 504 (or an error event in a stream that has begun), and the ONNX generation is
 cancelled. `/metrics` is Prometheus text; `/live` answers while the process runs, `/ready` when
@@ -325,15 +326,19 @@ class FrontDoorSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # Per served model. 8 in flight = two of the ONNX engine's batches of 4: while one batch
-    # generates, the next waits inside the engine and starts at the step the first one ends.
-    # onnxruntime-genai 0.18's CPU scheduler batches in waves and starts a wave with whatever
-    # turns it has: with only 4 in flight, the request that arrives first after a wave ends
-    # starts the next wave alone and the other 3 wait a whole wave for the one after (measured:
-    # every wave split 1 + 3; 16 clients got 0.86 of the raw engine's throughput). The
-    # transformers server answers one request at a time whatever this says (the others wait in
-    # its thread pool).
+    # Per served model with a token stream (the ONNX chat model). 8 in flight = two of its
+    # engine's batches of 4: while one batch generates, the next waits inside the engine and
+    # starts at the step the first one ends. onnxruntime-genai 0.18's CPU scheduler batches in
+    # waves and starts a wave with whatever turns it has: with only 4 in flight, the request
+    # that arrives first after a wave ends starts the next wave alone and the other 3 wait a
+    # whole wave for the one after (measured: every wave split 1 + 3; 16 clients got 0.86 of
+    # the raw engine's throughput).
     max_concurrency: int = Field(default=8, ge=1)
+    # Per served model without one (the transformers wrapper): its server answers one request
+    # at a time and cannot cancel one it has started, so more in flight would only move the
+    # queue out of reach of the deadline and of clients that leave (the others wait in its
+    # thread pool).
+    max_concurrency_without_stream: int = Field(default=4, ge=1)
     max_queue: int = Field(default=16, ge=0)
     deadline_s: float = Field(default=300.0, gt=0)  # queueing + generation, per request
     retry_after_s: int = Field(default=1, ge=1)
@@ -504,9 +509,12 @@ def create_app(
 
     def gate_of(backend: Backend) -> ModelGate:
         if backend.name not in gates:
-            gates[backend.name] = ModelGate(
-                settings.max_concurrency, settings.max_queue, settings.retry_after_s
+            limit = (
+                settings.max_concurrency
+                if backend.stream_url is not None
+                else settings.max_concurrency_without_stream
             )
+            gates[backend.name] = ModelGate(limit, settings.max_queue, settings.retry_after_s)
         return gates[backend.name]
 
     @app.exception_handler(FrontDoorError)

@@ -351,7 +351,7 @@ def test_the_transformers_answer_is_streamed_whole_and_says_so(tmp_path):
 
 @pytest.mark.unit
 def test_a_full_queue_is_a_429_with_retry_after(tmp_path):
-    settings = FrontDoorSettings(max_concurrency=1, max_queue=0, retry_after_s=3)
+    settings = FrontDoorSettings(max_concurrency_without_stream=1, max_queue=0, retry_after_s=3)
     fake = _streaming_fake(tmp_path, settings)
     release = threading.Event()
 
@@ -383,34 +383,41 @@ def test_a_full_queue_is_a_429_with_retry_after(tmp_path):
 
 
 @pytest.mark.unit
-def test_by_default_two_engine_batches_reach_a_model_and_the_rest_wait(tmp_path):
-    # The ONNX engine generates in waves of DEFAULT_MAX_BATCH_SIZE: with a second batch already
-    # inside it, the next wave starts full when one ends (test_onnx_models shows that side).
-    assert FrontDoorSettings().max_concurrency == 2 * DEFAULT_MAX_BATCH_SIZE
+@pytest.mark.parametrize(
+    ("model", "port", "limit"),
+    [
+        # The ONNX engine generates in waves of DEFAULT_MAX_BATCH_SIZE: with a second batch
+        # already inside it, the next wave starts full when one ends (test_onnx_models shows
+        # that side).
+        (CHAT_ONNX, 6002, 2 * DEFAULT_MAX_BATCH_SIZE),
+        # The transformers server answers one at a time and cannot cancel: no more than before.
+        (CHAT_TRANSFORMERS, 5001, 4),
+    ],
+)
+def test_by_default_a_model_has_its_limit_in_flight_and_the_rest_wait(tmp_path, model, port, limit):
     fake = _streaming_fake(tmp_path)
     release = threading.Event()
+    reply = _ndjson(*TOKEN_STREAM) if port == 6002 else httpx.Response(200, json=[completion()])
 
     async def slow(request: httpx.Request) -> httpx.Response:
         while not release.is_set():
             await asyncio.sleep(0.01)
-        return httpx.Response(200, json=[completion()])
+        return reply
 
-    fake.upstream.replies[5001] = slow
+    fake.upstream.replies[port] = slow
     messages = [{"role": "user", "content": SPAIN}]
     # One event loop for all the requests (the gate's slots are an asyncio.Condition).
-    with fake.http, ThreadPoolExecutor(9) as pool:
+    with fake.http, ThreadPoolExecutor(limit + 1) as pool:
         answers = [
-            pool.submit(
-                fake.client.chat.completions.create, model=CHAT_TRANSFORMERS, messages=messages
-            )
-            for _ in range(9)
+            pool.submit(fake.client.chat.completions.create, model=model, messages=messages)
+            for _ in range(limit + 1)
         ]
         while not _samples(fake.http, "slmops_queue_depth", 1.0):
             time.sleep(0.01)
         in_flight = _samples(fake.http, "slmops_in_flight")
         release.set()
         assert all(a.result().choices[0].message.content.endswith("Madrid.") for a in answers)
-    assert in_flight == {"slmops_in_flight": 2.0 * DEFAULT_MAX_BATCH_SIZE}
+    assert in_flight == {"slmops_in_flight": float(limit)}
 
 
 @pytest.mark.unit

@@ -458,13 +458,15 @@ def test_turns_waiting_in_the_engine_start_as_one_wave_when_a_wave_ends(tiny_onn
     # onnxruntime-genai's CPU engine batches in waves; turns that reach it while one generates
     # (the front door keeps a second batch in flight for this) must all start the next wave.
     generator = OnnxGenerator(tiny_onnx_int4_dir, max_batch_size=4)
-    fixed = TurnSpec(generator.encode(chat_prompt(SPAIN)), 200, min_new_tokens=200)
-    first = generator.submit_many([fixed] * 4)
-    next(iter(first[0]))  # the first wave is generating
-    second = [turn for _ in range(4) for turn in generator.submit_many([fixed])]  # one by one
+    ids = generator.encode(chat_prompt(SPAIN))
+    long, short = (TurnSpec(ids, n, min_new_tokens=n) for n in (1000, 200))
+    first = generator.submit_many([long] * 4)
+    next(iter(first[0]))  # the first wave is generating (for about half a second)
+    second = [turn for _ in range(4) for turn in generator.submit_many([short])]  # one by one
+    assert generator.engine.in_flight == 8  # all four wait while the first wave generates
     for turn in first + second:
         list(turn)
-    assert generator.engine.health()["steps_by_batch"] == {"4": 400}
+    assert generator.engine.health()["steps_by_batch"] == {"4": 1200}
 
 
 @pytest.mark.integration
