@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -359,10 +360,19 @@ def local_model_folder(model_uri: str, store: ModelStore) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=location))
 
 
-def _model_files(model_uri: str, store: ModelStore) -> tuple[int, dict[str, Any], Path | None]:
-    """A model's bytes on disk (the shared ONNX folder it references included), its MLmodel,
-    and its ONNX folder if it has one. For a local store this reads the stored folders in place.
-    """
+@dataclass(frozen=True)
+class _StoredModel:
+    """A model's folder, its bytes on disk (the shared ONNX folder it references included), its
+    MLmodel, and its ONNX folder if it has one."""
+
+    folder: Path
+    files_bytes: int
+    mlmodel: dict[str, Any]
+    onnx_folder: Path | None
+
+
+def _stored_model(model_uri: str, store: ModelStore) -> _StoredModel:
+    """`_StoredModel` of `model_uri`; for a local store this reads the stored folders in place."""
     import mlflow
     import yaml
 
@@ -379,12 +389,12 @@ def _model_files(model_uri: str, store: ModelStore) -> tuple[int, dict[str, Any]
         total += _folder_bytes(onnx_folder)
     elif own_onnx and own_onnx.get("path"):
         onnx_folder = folder / own_onnx["path"]
-    return total, mlmodel, onnx_folder
+    return _StoredModel(folder, total, mlmodel, onnx_folder)
 
 
 def model_files_bytes(model_uri: str, store: ModelStore) -> int:
     """Bytes of a model's files, the shared ONNX folder it references included."""
-    return _model_files(model_uri, store)[0]
+    return _stored_model(model_uri, store).files_bytes
 
 
 def model_server_sizing(model_uri: str, store: ModelStore) -> ServerSizing:
@@ -394,13 +404,14 @@ def model_server_sizing(model_uri: str, store: ModelStore) -> ServerSizing:
     graph's first past-key input) and engine settings (`model_config`); the transformers
     flavor's `config.json`.
     """
-    files, mlmodel, onnx_folder = _model_files(model_uri, store)
+    model = _stored_model(model_uri, store)
+    onnx_folder = model.onnx_folder
     genai_path = next(onnx_folder.rglob("genai_config.json"), None) if onnx_folder else None
     if genai_path is not None:
         genai_config = json.loads(genai_path.read_text())
-        model_config = mlmodel["flavors"]["python_function"].get("config") or {}
+        model_config = model.mlmodel["flavors"]["python_function"].get("config") or {}
         return onnx_server_sizing(
-            files,
+            model.files_bytes,
             genai_config,
             _onnx_kv_dtype_bytes(genai_path.parent, genai_config),
             int(model_config.get(onnx_genai_runtime.MAX_BATCH_SIZE_KEY)
@@ -408,13 +419,12 @@ def model_server_sizing(model_uri: str, store: ModelStore) -> ServerSizing:
             int(model_config.get(onnx_genai_runtime.TOKEN_BUDGET_KEY)
                 or onnx_genai_runtime.DEFAULT_TOKEN_BUDGET),
         )  # fmt: skip
-    if "transformers" in mlmodel.get("flavors", {}):
-        folder = local_model_folder(model_uri, store)
-        for candidate in sorted(folder.rglob("config.json")):
+    if "transformers" in model.mlmodel.get("flavors", {}):
+        for candidate in sorted(model.folder.rglob("config.json")):
             hf_config = json.loads(candidate.read_text())
             if "num_hidden_layers" in hf_config or "text_config" in hf_config:
-                return transformers_server_sizing(files, hf_config)
-    return unknown_server_sizing(files)
+                return transformers_server_sizing(model.files_bytes, hf_config)
+    return unknown_server_sizing(model.files_bytes)
 
 
 # ONNX tensor element types -> bytes (float, float16, bfloat16).
