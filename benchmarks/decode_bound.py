@@ -18,15 +18,15 @@ kernel's (onnxruntime's MLAS, AVX2 here, no AVX-512/VNNI), not the builder's opt
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.int4_sweep import read_bandwidth
 from benchmarks.recording import Metric, PartResult, write_results
-from benchmarks.serving_engine import step_bytes
+from benchmarks.serving_engine import _run_turns, step_bytes
 
 BATCH_SIZES = (1, 2, 4)
 PROMPT = "Explain machine learning in a few words."
@@ -48,29 +48,6 @@ def twin_int4_dir() -> Path:
     return twin.onnx_repo_dir / PHI3_ONNX_INT4_SUBFOLDER
 
 
-def _token_gaps(generator: Any, specs: list[Any]) -> tuple[float, list[float]]:
-    """Submit `specs` at once; wall seconds and every gap between two tokens of one turn (a
-    turn's prefill, before its first token, is left out)."""
-    turns = generator.submit_many(specs)
-    gaps: list[list[float]] = [[] for _ in turns]
-
-    def drain(index: int) -> None:
-        last = None
-        for _ in turns[index]:
-            now = time.perf_counter()
-            if last is not None:
-                gaps[index].append(now - last)
-            last = now
-
-    t0 = time.perf_counter()
-    readers = [threading.Thread(target=drain, args=(i,)) for i in range(len(turns))]
-    for reader in readers:
-        reader.start()
-    for reader in readers:
-        reader.join()
-    return time.perf_counter() - t0, [g for turn in gaps for g in turn]
-
-
 def measure(onnx_dir: Path, tokens: int, turns: int) -> list[dict[str, Any]]:
     """Per batch size: `turns` turns of exactly `tokens` new tokens, submitted at once; a step
     is the median gap between two tokens of a turn (every turn of a batch gets one per step).
@@ -83,9 +60,10 @@ def measure(onnx_dir: Path, tokens: int, turns: int) -> list[dict[str, Any]]:
         generator = OnnxGenerator(onnx_dir, max_batch_size=batch, token_budget=256)
         prompt = generator.encode(PROMPT)
         specs = [TurnSpec(prompt, tokens, min_new_tokens=tokens) for _ in range(turns)]
-        _token_gaps(generator, specs[:batch])  # warm-up: first-run allocations
-        wall, gaps = _token_gaps(generator, specs)
-        step = statistics.median(gaps)
+        _run_turns(generator, specs[:batch])  # warm-up: first-run allocations
+        wall, stamps = _run_turns(generator, specs)
+        # Gaps between two tokens of a turn: a turn's prefill, before its first, is left out.
+        step = statistics.median(b - a for turn in stamps for a, b in itertools.pairwise(turn))
         rows.append(
             {
                 "path": "og.Engine (SharedEngine)",
@@ -98,24 +76,26 @@ def measure(onnx_dir: Path, tokens: int, turns: int) -> list[dict[str, Any]]:
             }
         )
         if batch == 1:
-            stamps: list[float] = []
+            times: list[float] = []
             started = time.perf_counter()
 
-            def stamp(_: list[int], stamps: list[float] = stamps) -> bool:
-                stamps.append(time.perf_counter())
+            def stamp(_: list[int], times: list[float] = times) -> bool:
+                times.append(time.perf_counter())
                 return False
 
             generator.generate(prompt, tokens, stop=stamp)
-            steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+            elapsed = time.perf_counter() - started
             rows.append(
                 {
                     "path": "og.Generator (generate)",
                     "batch": 1,
                     "largest batch seen": 1,
                     "tokens": tokens,
-                    "wall_s": round(time.perf_counter() - started, 2),
-                    "tokens/s": round(tokens / (time.perf_counter() - started), 2),
-                    "ms per step": round(1000 * statistics.median(steps), 1),
+                    "wall_s": round(elapsed, 2),
+                    "tokens/s": round(tokens / elapsed, 2),
+                    "ms per step": round(
+                        1000 * statistics.median(b - a for a, b in itertools.pairwise(times)), 1
+                    ),
                 }
             )
         del generator

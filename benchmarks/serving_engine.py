@@ -69,25 +69,23 @@ def _prompts(generator: Any) -> list[list[int]]:
     ]
 
 
-def _run_turns(generator: Any, specs: Sequence[Any]) -> tuple[float, int, list[float]]:
-    """Submit `specs` at once; wall seconds, tokens generated, each turn's first-token time."""
+def _run_turns(generator: Any, specs: Sequence[Any]) -> tuple[float, list[list[float]]]:
+    """Submit `specs` at once; wall seconds, and each turn's token times (seconds after the
+    submit, one per token)."""
     t0 = time.perf_counter()
     turns = generator.submit_many(specs)
-    firsts: list[float] = [0.0] * len(turns)
-    counts = [0] * len(turns)
+    stamps: list[list[float]] = [[] for _ in turns]
 
     def drain(index: int) -> None:
         for _ in turns[index]:
-            if counts[index] == 0:
-                firsts[index] = time.perf_counter() - t0
-            counts[index] += 1
+            stamps[index].append(time.perf_counter() - t0)
 
     readers = [threading.Thread(target=drain, args=(i,)) for i in range(len(turns))]
     for reader in readers:
         reader.start()
     for reader in readers:
         reader.join()
-    return time.perf_counter() - t0, sum(counts), firsts
+    return time.perf_counter() - t0, stamps
 
 
 def measure_raw(
@@ -112,7 +110,8 @@ def measure_raw(
         _run_turns(generator, specs[:batch])  # warm-up
         rates = []
         for _ in range(repeats):
-            wall, made, _ = _run_turns(generator, specs)
+            wall, stamps = _run_turns(generator, specs)
+            made = sum(len(turn) for turn in stamps)
             rates.append(made / wall)
         sweep.append(
             {
@@ -134,7 +133,8 @@ def _single(generator: Any, prompts: list[list[int]], tokens: int, repeats: int)
     alone = []
     for r in range(max(repeats, 3)):
         ids = prompts[r % len(prompts)]
-        wall, made, _ = _run_turns(generator, [TurnSpec(ids, tokens, min_new_tokens=tokens)])
+        wall, stamps = _run_turns(generator, [TurnSpec(ids, tokens, min_new_tokens=tokens)])
+        made = sum(len(turn) for turn in stamps)
         alone.append(made / wall)
     return {"single_tokens_per_s": statistics.median(alone)}
 
